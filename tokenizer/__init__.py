@@ -1,0 +1,1 @@
+"""The AGILLM byte-level BPE tokenizer: files in this folder, built by `build_tokenizer.py`."""
