@@ -342,28 +342,31 @@ class AgillmModel(AgillmPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def _check_inputs(self, input_ids: torch.Tensor | None, position_ids: torch.Tensor) -> None:
-        """Turn out-of-range ids and over-long input into a clear error instead of an index error or silent drift.
+    def _check_token_ids(self, input_ids: torch.Tensor | None) -> None:
+        """Out-of-range ids would be an index error on CPU and a device assert on GPU: say what is wrong instead.
 
-        Skipped while compiling: the checks read tensor values, which would break a full-graph capture.
+        Skipped while compiling (both checks read tensor values, which would break a full-graph capture).
         """
-        if torch.compiler.is_compiling():
+        if input_ids is None or input_ids.numel() == 0 or torch.compiler.is_compiling():
             return
-        if input_ids is not None and input_ids.numel() > 0:
-            low, high = torch.aminmax(input_ids)
-            if low < 0 or high >= self.config.vocab_size:
-                raise ValueError(
-                    f"input_ids must lie in [0, {self.config.vocab_size}) (vocab_size), got values in "
-                    f"[{int(low)}, {int(high)}]. Is the tokenizer the one this model was trained with?"
-                )
-        if self.config.rope_type != "dynamic" and position_ids.numel() > 0:
-            last_position = int(position_ids.max())
-            if last_position >= self.config.max_position_embeddings:
-                raise ValueError(
-                    f"Input reaches position {last_position}, beyond max_position_embeddings="
-                    f"{self.config.max_position_embeddings}. Shorten the input (prompt + new tokens), or use a "
-                    "config with a longer context (e.g. rope_type='dynamic', 'yarn' or 'llama3')."
-                )
+        low, high = torch.aminmax(input_ids)
+        if low < 0 or high >= self.config.vocab_size:
+            raise ValueError(
+                f"input_ids must lie in [0, {self.config.vocab_size}) (vocab_size), got values in "
+                f"[{int(low)}, {int(high)}]. Is the tokenizer the one this model was trained with?"
+            )
+
+    def _check_positions(self, position_ids: torch.Tensor) -> None:
+        """Positions past the trained context silently degrade RoPE models; refuse them (dynamic RoPE extrapolates)."""
+        if self.config.rope_type == "dynamic" or position_ids.numel() == 0 or torch.compiler.is_compiling():
+            return
+        last_position = int(position_ids.max())
+        if last_position >= self.config.max_position_embeddings:
+            raise ValueError(
+                f"Input reaches position {last_position}, beyond max_position_embeddings="
+                f"{self.config.max_position_embeddings}. Shorten the input (prompt + new tokens), or use a "
+                "config with a longer context (e.g. rope_type='dynamic', 'yarn' or 'llama3')."
+            )
 
     @merge_with_config_defaults
     @capture_outputs
@@ -381,18 +384,18 @@ class AgillmModel(AgillmPreTrainedModel):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
 
+        if inputs_embeds is None:
+            self._check_token_ids(input_ids)
+            inputs_embeds = self.embed_tokens(input_ids)
+
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
 
         if position_ids is None:
             past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
-            seq_length = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
-            position_ids = torch.arange(seq_length, device=self.embed_tokens.weight.device) + past_seen_tokens
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
-        self._check_inputs(input_ids, position_ids)
-
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+        self._check_positions(position_ids)
 
         # `generate` with a compileable cache passes the masks pre-built, one per layer type.
         if not isinstance(mask_per_layer_type := attention_mask, dict):
