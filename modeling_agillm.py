@@ -324,6 +324,14 @@ class AgillmPreTrainedModel(PreTrainedModel):
         "attentions": AgillmAttention,
     }
 
+    def __init__(self, config: AgillmConfig, *inputs, **kwargs):
+        super().__init__(config, *inputs, **kwargs)
+        # The generic task heads build their trunk with `AutoModel.from_config(config)`. As remote code, `config` is
+        # often an instance of another copy of AgillmConfig (transformers imports configuration_agillm.py on its own
+        # and again as this file's sibling, under different hashes), which the module-level registration below does
+        # not cover; without this, loading a head asks whether to trust remote code and fails when non-interactive.
+        AutoModel.register(type(config), AgillmModel, exist_ok=True)
+
 
 @auto_docstring
 class AgillmModel(AgillmPreTrainedModel):
@@ -350,17 +358,17 @@ class AgillmModel(AgillmPreTrainedModel):
         if input_ids is None or input_ids.numel() == 0 or torch.compiler.is_compiling():
             return
         low, high = torch.aminmax(input_ids)
-        if low < 0 or high >= self.config.vocab_size:
+        if ((low < 0) | (high >= self.config.vocab_size)).item():  # one host sync, not two
             raise ValueError(
                 f"input_ids must lie in [0, {self.config.vocab_size}) (vocab_size), got values in "
                 f"[{int(low)}, {int(high)}]. Is the tokenizer the one this model was trained with?"
             )
 
-    def _check_positions(self, position_ids: torch.Tensor) -> None:
+    def _check_last_position(self, last_position: int | torch.Tensor) -> None:
         """Positions past the trained context silently degrade RoPE models; refuse them (dynamic RoPE extrapolates)."""
-        if self.config.rope_type == "dynamic" or position_ids.numel() == 0 or torch.compiler.is_compiling():
+        if self.config.rope_type == "dynamic" or torch.compiler.is_compiling():
             return
-        last_position = int(position_ids.max())
+        last_position = int(last_position)
         if last_position >= self.config.max_position_embeddings:
             raise ValueError(
                 f"Input reaches position {last_position}, beyond max_position_embeddings="
@@ -395,7 +403,9 @@ class AgillmModel(AgillmPreTrainedModel):
             past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
-        self._check_positions(position_ids)
+            self._check_last_position(past_seen_tokens + inputs_embeds.shape[1] - 1)  # known on the host: no sync
+        elif position_ids.numel() > 0:
+            self._check_last_position(position_ids.max())
 
         # `generate` with a compileable cache passes the masks pre-built, one per layer type.
         if not isinstance(mask_per_layer_type := attention_mask, dict):
