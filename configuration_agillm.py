@@ -146,6 +146,10 @@ class AgillmConfig(PreTrainedConfig):
             self.layer_types = [default] * self.num_hidden_layers
         if self.nope_layers is None:
             self.nope_layers = []
+        if not self.use_qk_norm:  # the TP plan may name only modules the model has: q/k_norm come with QK-norm
+            self.base_model_tp_plan = {
+                k: v for k, v in type(self).base_model_tp_plan.items() if not k.endswith(("q_norm", "k_norm"))
+            }
         super().__post_init__(**kwargs)
         if getattr(self, "auto_map", None) is None:  # a loaded config keeps its own (it may carry a Hub repo prefix)
             self.auto_map = dict(AGILLM_AUTO_MAP)
@@ -178,6 +182,10 @@ class AgillmConfig(PreTrainedConfig):
             raise ValueError(f"nope_layers {bad_nope} are not layer indices (0..{self.num_hidden_layers - 1}).")
         if self.norm_type not in AGILLM_NORM_TYPES:
             raise ValueError(f"norm_type must be one of {list(AGILLM_NORM_TYPES)}, got {self.norm_type!r}.")
+        try:  # transformers' own check; a missing key surfaces as KeyError there
+            self.validate_rope()
+        except KeyError as error:
+            raise ValueError(f"Invalid rope_parameters {self.rope_parameters!r}: {error}") from error
         if self.rope_parameters is None or "rope_type" not in self.rope_parameters:
             raise ValueError(f"rope_parameters must name a rope_type, got {self.rope_parameters!r}.")
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

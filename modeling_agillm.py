@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers import AutoModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
@@ -324,14 +323,6 @@ class AgillmPreTrainedModel(PreTrainedModel):
         "attentions": AgillmAttention,
     }
 
-    def __init__(self, config: AgillmConfig, *inputs, **kwargs):
-        super().__init__(config, *inputs, **kwargs)
-        # The generic task heads build their trunk with `AutoModel.from_config(config)`. As remote code, `config` is
-        # often an instance of another copy of AgillmConfig (transformers imports configuration_agillm.py on its own
-        # and again as this file's sibling, under different hashes), which the module-level registration below does
-        # not cover; without this, loading a head asks whether to trust remote code and fails when non-interactive.
-        AutoModel.register(type(config), AgillmModel, exist_ok=True)
-
 
 @auto_docstring
 class AgillmModel(AgillmPreTrainedModel):
@@ -504,22 +495,43 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         )
 
 
-# The generic task heads build their trunk with `AutoModel.from_config(config)`. Registering the pair here makes
-# that resolve to this file's `AgillmModel` both in this repository and when loaded as remote code, where the
-# config class is the remote module's own.
-AutoModel.register(AgillmConfig, AgillmModel, exist_ok=True)
+# The task heads reuse transformers' generic forward passes (pooling, losses). Their constructors are spelled out
+# because the generic ones build the trunk with `AutoModel.from_config`, which cannot resolve a remote-code config
+# class without touching the global auto registry.
 
 
 class AgillmForSequenceClassification(GenericForSequenceClassification, AgillmPreTrainedModel):
     """Scores the last non-padding token of each sequence."""
 
+    def __init__(self, config: AgillmConfig):
+        AgillmPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = AgillmModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
 
 class AgillmForTokenClassification(GenericForTokenClassification, AgillmPreTrainedModel):
     """Scores every token (NER-style tagging)."""
 
+    def __init__(self, config: AgillmConfig):
+        AgillmPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = AgillmModel(config)
+        classifier_dropout = getattr(config, "classifier_dropout", None)  # not a core field; users may add it
+        self.dropout = nn.Dropout(0.1 if classifier_dropout is None else classifier_dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
 
 class AgillmForQuestionAnswering(GenericForQuestionAnswering, AgillmPreTrainedModel):
     """Predicts answer span start/end logits over the tokens."""
+
+    def __init__(self, config: AgillmConfig):
+        AgillmPreTrainedModel.__init__(self, config)
+        self.model = AgillmModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
 
 
 # Saved folders carry these `.py` files and a complete `auto_map` (see `AgillmConfig.auto_map`).

@@ -1,0 +1,95 @@
+"""Shared fixtures of the AGILLM test suite: tiny configs, the shipped tokenizer and a saved, Hub-ready model folder.
+
+Everything runs offline on CPU. Models are a few thousand parameters so that the whole suite stays in minutes on a
+2-core machine; numerical checks use fp32 and seeded weights, so a failure is a behaviour change, not noise.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+# Must be set before transformers is imported: the suite never touches the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import torch  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from configuration_agillm import AgillmConfig  # noqa: E402
+from modeling_agillm import AgillmForCausalLM  # noqa: E402
+from processing_agillm import AgillmProcessor  # noqa: E402
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER_DIR = REPO_ROOT / "tokenizer"
+SHIPPED_VOCAB_SIZE = 8192  # ids of the shipped tokenizer; models that read real text need this vocab
+
+# The smallest model that still exercises every code path: GQA (4 query heads, 2 kv heads, head_dim 8) and two
+# layers, so that a per-layer setting (a NoPE layer, a sliding layer) always sits next to a plain one.
+TINY_CONFIG_DEFAULTS = {
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+
+
+def build_tiny_config(**overrides) -> AgillmConfig:
+    """A tiny `AgillmConfig`; keyword arguments override `TINY_CONFIG_DEFAULTS` or set any other config field."""
+    return AgillmConfig(**{**TINY_CONFIG_DEFAULTS, **overrides})
+
+
+def build_tiny_model(seed: int = 0, **overrides) -> AgillmForCausalLM:
+    """A seeded tiny `AgillmForCausalLM` in eval mode (fp32, sdpa attention unless overridden)."""
+    torch.manual_seed(seed)
+    return AgillmForCausalLM(build_tiny_config(**overrides)).eval()
+
+
+@pytest.fixture
+def make_config():
+    """Factory fixture: `make_config(**overrides) -> AgillmConfig`."""
+    return build_tiny_config
+
+
+@pytest.fixture
+def make_model():
+    """Factory fixture: `make_model(seed=0, **config_overrides) -> AgillmForCausalLM` in eval mode."""
+    return build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path() -> Path:
+    return TOKENIZER_DIR
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_path):
+    return AutoTokenizer.from_pretrained(tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def saved_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A Hub-ready folder: tiny causal LM (sliding + full layer, tied embeddings), code files, tokenizer, processor.
+
+    The vocabulary is the shipped tokenizer's so that the folder works with `pipeline` and `AutoProcessor`.
+    Session-scoped and read-only by convention: tests load from it and write anywhere else.
+    """
+    folder = tmp_path_factory.mktemp("agillm-tiny")
+    model = build_tiny_model(
+        seed=0,
+        vocab_size=SHIPPED_VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=8,
+        max_position_embeddings=256,
+    )
+    model.save_pretrained(folder)
+    # The processor saves its tokenizer (tokenizer.json, tokenizer_config.json, chat_template.jinja) with it.
+    AgillmProcessor(tokenizer=tokenizer).save_pretrained(folder)
+    return folder
