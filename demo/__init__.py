@@ -1,0 +1,12 @@
+"""The AGILLM main job (`python -m demo`, `make demo`).
+
+Two parts, each skippable from the command line (`python -m demo --help`):
+
+1. `smollm2_chat`: convert the real SmolLM2-135M-Instruct into an AGILLM Hub-ready folder, then load that folder
+   in a fresh Python process that cannot import this repository (`chat_in_fresh_process`) and chat with it
+   through `pipeline("text-generation")`.
+2. `pretrain_shakespeare`: pre-train a small AGILLM from scratch on Shakespeare with `Trainer` + `datasets` on
+   CPU, report held-out perplexity before and after, plot the loss curve and save a Hub-ready folder.
+
+Everything runs offline: the model weights and the corpus come from installed packages.
+"""

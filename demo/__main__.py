@@ -1,0 +1,138 @@
+"""`python -m demo`: the AGILLM main job. See `demo/__init__.py` for what each part does; `--help` for options."""
+
+import os
+
+
+# Nothing here needs the network (weights and corpus come from installed packages). Set before any Hugging Face
+# import, which reads it once at import time.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+# peft (imported by transformers' Trainer and loading code) imports bitsandbytes, which on some CPUs warns that it
+# cannot fetch an optional Hub kernel. Nothing here uses bitsandbytes, so that warning is noise.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+from demo import pretrain_shakespeare, smollm2_chat  # noqa: E402
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SUMMARY_NAME = "demo_summary.md"  # the short results file the README quotes
+TIMINGS_NAME = "demo_timings.json"
+SMOLLM2_STEP = "SmolLM2: convert + chat in a fresh process"
+PRETRAIN_STEP = "Shakespeare: data + train + eval + save + sample"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m demo",
+        description="The AGILLM main job: SmolLM2 as an AGILLM Hub folder + chat, then Shakespeare pre-training.",
+    )
+    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs", help="default: outputs/")
+    parser.add_argument("--skip-smollm2", action="store_true", help="skip the SmolLM2 conversion and chat")
+    parser.add_argument(
+        "--reuse-smollm2", action="store_true", help="chat with an already converted SmolLM2 folder if there is one"
+    )
+    parser.add_argument("--skip-pretrain", action="store_true", help="skip the Shakespeare pre-training")
+    parser.add_argument(
+        "--train-minutes", type=float, default=4.0, help="time budget of the optimizer steps (default: 4)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.train_minutes <= 0:
+        parser.error(f"--train-minutes must be positive, got {args.train_minutes}")
+    return args
+
+
+def banner(title: str) -> None:
+    print(f"\n{'=' * 100}\n{title}\n{'=' * 100}", flush=True)
+
+
+def chat_section(chat: dict) -> list[str]:
+    lines = [f"## SmolLM2-135M-Instruct as AGILLM (`{Path(chat['folder']).name}/`, fresh process, greedy)", ""]
+    for result in chat["results"]:
+        lines += [f"**user:** {result['prompt'][-1]['content']}", "", f"**assistant:** {result['answer'].strip()}", ""]
+    return lines
+
+
+def pretrain_section(metrics: dict) -> list[str]:
+    sample = metrics["samples"][0]
+    return [
+        f"## AGILLM pre-trained on Shakespeare (`{pretrain_shakespeare.MODEL_FOLDER}/`, "
+        f"{metrics['parameters'] / 1e6:.1f}M parameters, {metrics['train_seconds'] / 60:.0f} min on CPU)",
+        "",
+        f"{metrics['steps']} steps, {metrics['tokens_seen']:,} training tokens in {metrics['train_seconds']:.0f} s "
+        f"({metrics['tokens_per_second']:,} tokens/s). Held-out perplexity "
+        f"({', '.join(metrics['held_out_plays'])}, {metrics['eval_blocks']} blocks): "
+        f"**{metrics['perplexity_before']:,.1f} before -> {metrics['perplexity_after']:,.1f} after**.",
+        "",
+        f"Sample from the saved folder, in a fresh process (its generation config: {metrics['sampling']}):",
+        "",
+        "```",
+        sample["prompt"] + sample["answer"],
+        "```",
+        "",
+        f"Loss curve: `{pretrain_shakespeare.PLOT_FILE}`; all numbers: `{pretrain_shakespeare.METRICS_FILE}`.",
+    ]
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def summary_markdown(output_dir: Path, timings: dict) -> str:
+    """The results file the README can quote.
+
+    Built from the parts' own results files in `output_dir`, whichever exist, so re-running one part with the
+    other skipped updates that part's section and keeps the other's.
+    """
+    lines = ["# `python -m demo` results", "", "| step (latest run) | wall time |", "|---|---|"]
+    lines += [f"| {step} | {seconds:.0f} s |" for step, seconds in timings.items()]
+    if (chat := read_json(output_dir / smollm2_chat.RESULTS_FILE)) is not None:
+        lines += ["", *chat_section(chat)]
+    if (pretrain := read_json(output_dir / pretrain_shakespeare.METRICS_FILE)) is not None:
+        lines += ["", *pretrain_section(pretrain)]
+    return "\n".join(lines) + "\n"
+
+
+def timed(step: str, timings: dict, function, *args, **kwargs):
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    timings[step] = time.perf_counter() - started
+    return result
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    output_dir = args.output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    timings_path = output_dir / TIMINGS_NAME
+    timings = read_json(timings_path) or {}  # the step skipped this time keeps its time from its latest run
+    started = time.perf_counter()
+
+    if not args.skip_smollm2:
+        banner("1. SmolLM2-135M-Instruct -> AGILLM Hub folder -> chat from a fresh process")
+        timed(SMOLLM2_STEP, timings, smollm2_chat.run, output_dir, reuse=args.reuse_smollm2)
+
+    if not args.skip_pretrain:
+        banner(f"2. Pre-train a small AGILLM on Shakespeare ({args.train_minutes:g} min of CPU training)")
+        timed(PRETRAIN_STEP, timings, pretrain_shakespeare.run, output_dir, args.train_minutes, seed=args.seed)
+
+    timings_path.write_text(json.dumps(timings, indent=2), encoding="utf-8")
+    summary_path = output_dir / SUMMARY_NAME
+    summary_path.write_text(summary_markdown(output_dir, timings), encoding="utf-8")
+    banner("Done")
+    for step, seconds in timings.items():
+        print(f"  {step:<55} {seconds:7.1f} s")
+    print(f"  {'this run, in all':<55} {time.perf_counter() - started:7.1f} s")
+    print(f"  results: {summary_path}")
+
+
+if __name__ == "__main__":
+    main()
