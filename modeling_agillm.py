@@ -534,7 +534,7 @@ class AgillmForQuestionAnswering(GenericForQuestionAnswering, AgillmPreTrainedMo
         self.post_init()
 
 
-# Saved folders carry these `.py` files and a complete `auto_map` (see `AgillmConfig.auto_map`).
+# Saved folders carry these `.py` files and a complete `auto_map` (`AGILLM_AUTO_MAP` in configuration_agillm.py).
 AgillmConfig.register_for_auto_class()
 AgillmModel.register_for_auto_class("AutoModel")
 AgillmForCausalLM.register_for_auto_class("AutoModelForCausalLM")
