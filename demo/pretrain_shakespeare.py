@@ -37,10 +37,9 @@ from corpus.shakespeare import HELD_OUT_PLAYS, train_and_held_out
 from demo.chat_in_fresh_process import run_in_fresh_process
 from modeling_agillm import AgillmForCausalLM
 from processing_agillm import AgillmProcessor
+from tokenizer import TOKENIZER_DIR
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TOKENIZER_DIR = REPO_ROOT / "tokenizer"
 # What `run` writes into the output folder.
 MODEL_FOLDER = "agillm-shakespeare"
 PLOT_FILE = "shakespeare_loss.png"

@@ -20,10 +20,9 @@ from transformers import AutoTokenizer  # noqa: E402
 from configuration_agillm import AgillmConfig  # noqa: E402
 from modeling_agillm import AgillmForCausalLM  # noqa: E402
 from processing_agillm import AgillmProcessor  # noqa: E402
+from tokenizer import TOKENIZER_DIR  # noqa: E402
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TOKENIZER_DIR = REPO_ROOT / "tokenizer"
 SHIPPED_VOCAB_SIZE = 8192  # ids of the shipped tokenizer; models that read real text need this vocab
 
 # The smallest model that still exercises every code path: GQA (4 query heads, 2 kv heads, head_dim 8) and two

@@ -31,9 +31,9 @@ from transformers import (
 import convert.converter
 from convert import ConversionError, agillm_config_from, convert_to_agillm
 from convert.__main__ import main as cli_main
+from tokenizer import TOKENIZER_DIR  # the shipped tokenizer (8192 ids)
 
 
-TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "tokenizer"  # the shipped tokenizer (8192 ids)
 TOLERANCE = 1e-4  # max abs difference of fp32 logits
 SEQ_LEN, LEFT_PAD, WINDOW = 40, 6, 8
 TINY = dict(

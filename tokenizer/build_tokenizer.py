@@ -7,14 +7,13 @@ image/audio placeholders and boundaries) never shift ids of a trained model. Tra
 given corpus and `tokenizers` version; the result ships in the repository, so nothing is trained at run time.
 """
 
-from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from corpus.shakespeare import load_plays
+from tokenizer import TOKENIZER_DIR
 
-TOKENIZER_DIR = Path(__file__).resolve().parent
 VOCAB_SIZE = 8192
 
 # Fixed ids 0..31. Names follow the ChatML / Qwen convention so chat templates read naturally.
