@@ -11,13 +11,20 @@ as `from .x import y` travel with a saved model, so this file depends on nothing
 
 from collections.abc import Callable
 
+import math
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.integrations import use_kernel_forward_from_hub, use_kernelized_func
+from transformers.integrations import use_experts_implementation, use_kernel_forward_from_hub, use_kernelized_func
 from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    create_bidirectional_mask,
     create_causal_mask,
     create_chunked_causal_mask,
     create_sliding_window_causal_mask,
@@ -34,13 +41,15 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 
-try:  # a saved model folder (remote code): sibling module of the same package
+try:  # a saved model folder (remote code): sibling modules of the same package
     from .configuration_agillm import AgillmConfig
+    from .generation_agillm import agillm_generate
 except ImportError:  # this repository, imported as top-level modules
     from configuration_agillm import AgillmConfig
+    from generation_agillm import agillm_generate
 
 
 logger = logging.get_logger(__name__)
@@ -51,6 +60,10 @@ MASK_BUILDERS = {
     "sliding_attention": create_sliding_window_causal_mask,
     "chunked_attention": create_chunked_causal_mask,
 }
+
+
+# The attention pattern each head is trained and decoded with (see `AgillmModel._objective_masks`).
+OBJECTIVES = ("ar", "sat", "nat")
 
 
 # --------------------------------------------------------------------------------------------------- norms
@@ -141,21 +154,183 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
     return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
 
 
+# --------------------------------------------------------------------------------------------------- ALiBi
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """Per-head ALiBi slopes, computed in double precision and stored as float32 (as AGILLM 4.x does).
+
+    Power-of-two head counts get `start**(h+1)` with `start = 2**(-8/H)`; otherwise the first `c = 2**floor(log2 H)`
+    slopes of that rule, then every other slope of the rule for `2c` heads (the ALiBi paper's recipe).
+    """
+
+    def power_of_two_slopes(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        slopes = power_of_two_slopes(num_heads)
+    else:
+        closest = 2 ** math.floor(math.log2(num_heads))
+        slopes = power_of_two_slopes(closest) + power_of_two_slopes(2 * closest)[0::2][: num_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(
+    slopes: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor, kind: str
+) -> torch.Tensor:
+    """Additive attention bias `[batch, heads, q_len, kv_len]` from absolute positions `[batch, q]`, `[batch, kv]`.
+
+    `alibi`: `-m_h * |i - j|` (the standard penalty; under a causal mask it is the paper's `-m_h * (i - j)`).
+    `agillm_alibi`: `-m_h * max(j - i, 0)`, AGILLM 4.x's clamp, which penalises only keys after the query.
+    """
+    distance = key_positions[:, None, None, :] - query_positions[:, None, :, None]
+    distance = distance.abs() if kind == "alibi" else distance.clamp(min=0)
+    return -slopes.to(distance.device)[None, :, None, None] * distance.to(torch.float32)
+
+
+def add_bias_to_mask(mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
+    """Fold an additive bias into a transformers mask (None, boolean "may attend", or additive float)."""
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        return bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
+    return mask + bias
+
+
 # --------------------------------------------------------------------------------------------------- MLP
 
 
 class AgillmMLP(nn.Module):
-    """Gated MLP: `down(act(gate(x)) * up(x))`; SwiGLU with the default `hidden_act="silu"`."""
+    """`mlp_type="gated"`: `down(act(gate(x)) * up(x))` (SwiGLU with silu); `"plain"`: `down(act(up(x)))`."""
 
-    def __init__(self, config: AgillmConfig):
+    def __init__(self, config: AgillmConfig, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        intermediate_size = intermediate_size or config.intermediate_size
+        self.is_gated = config.mlp_type == "gated"
+        if self.is_gated:
+            self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        if self.is_gated:
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.up_proj(x)))
+
+
+# --------------------------------------------------------------------------------------------------- MoE
+
+
+class AgillmRouter(nn.Module):
+    """Scores experts per token and picks `num_experts_per_tok` of them; returns logits, weights and indices."""
+
+    def __init__(self, config: AgillmConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.router_type = config.router_type
+        self.norm_topk_prob = config.norm_topk_prob
+        self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        router_logits = F.linear(hidden_states, self.weight).float()  # [tokens, experts], routing in fp32
+        probs = router_logits.softmax(dim=-1)
+        top_probs, top_index = torch.topk(probs, self.top_k, dim=-1)  # ties go to the lower index, as argmax
+        if self.router_type == "top1_straight_through":
+            # Forward value exactly 1.0 (x / x), gradient d(p)/p: the expert output is not scaled by p.
+            top_probs = top_probs.clamp(min=1e-6)
+            top_weights = top_probs / top_probs.detach()
+        elif self.norm_topk_prob:
+            top_weights = top_probs / top_probs.sum(dim=-1, keepdim=True)
+        else:
+            top_weights = top_probs
+        return router_logits, top_weights.to(hidden_states.dtype), top_index
+
+
+def _experts_forward(experts: nn.Module, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+    """Eager experts: for each expert that received tokens, run them as one batch and add the weighted result."""
+    final_hidden_states = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        expert_mask = F.one_hot(top_k_index, num_classes=experts.num_experts).permute(2, 1, 0)  # [E, k, tokens]
+        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+    for expert_idx in expert_hit:
+        expert_idx = expert_idx[0]
+        top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+        current_hidden_states = experts.expert_hidden(hidden_states[token_idx], expert_idx)
+        down_bias = experts.down_proj_bias[expert_idx] if experts.has_bias else None
+        current_hidden_states = F.linear(current_hidden_states, experts.down_proj[expert_idx], down_bias)
+        current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+        final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+    return final_hidden_states
+
+
+def _expert_params(module: nn.Module, name: str, num_experts: int, in_features: int, out_features: int, bias: bool):
+    module.register_parameter(name, nn.Parameter(torch.empty(num_experts, out_features, in_features)))
+    if bias:
+        module.register_parameter(f"{name}_bias", nn.Parameter(torch.zeros(num_experts, out_features)))
+
+
+@use_experts_implementation(has_gate=True, has_bias=False)
+class AgillmExperts(nn.Module):
+    """Gated experts as 3-D parameters (`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]), as Qwen3-MoE."""
+
+    def __init__(self, config: AgillmConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        hidden, intermediate = config.hidden_size, config.moe_intermediate_size
+        _expert_params(self, "gate_up_proj", self.num_experts, hidden, 2 * intermediate, bias=False)
+        _expert_params(self, "down_proj", self.num_experts, intermediate, hidden, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def expert_hidden(self, hidden_states: torch.Tensor, expert_idx) -> torch.Tensor:
+        bias = self.gate_up_proj_bias[expert_idx] if self.has_bias else None
+        gate, up = F.linear(hidden_states, self.gate_up_proj[expert_idx], bias).chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+    def forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        return _experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+@use_experts_implementation(has_gate=False, has_bias=True)
+class AgillmPlainExperts(nn.Module):
+    """Plain experts with biases (`up_proj` [E, I, H], `down_proj` [E, H, I]): AGILLM 4.x's ReLU experts."""
+
+    def __init__(self, config: AgillmConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        hidden, intermediate = config.hidden_size, config.moe_intermediate_size
+        _expert_params(self, "up_proj", self.num_experts, hidden, intermediate, bias=True)
+        _expert_params(self, "down_proj", self.num_experts, intermediate, hidden, bias=True)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def expert_hidden(self, hidden_states: torch.Tensor, expert_idx) -> torch.Tensor:
+        bias = self.up_proj_bias[expert_idx] if self.has_bias else None
+        return self.act_fn(F.linear(hidden_states, self.up_proj[expert_idx], bias))
+
+    def forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        return _experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+class AgillmSparseMoeBlock(nn.Module):
+    """Routed experts plus an optional always-on shared expert (added unweighted)."""
+
+    def __init__(self, config: AgillmConfig):
+        super().__init__()
+        self.gate = AgillmRouter(config)
+        self.experts = AgillmExperts(config) if config.mlp_type == "gated" else AgillmPlainExperts(config)
+        self.shared_expert = None
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = AgillmMLP(config, config.shared_expert_intermediate_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, hidden = hidden_states.shape
+        flat = hidden_states.reshape(-1, hidden)
+        _, top_k_weights, top_k_index = self.gate(flat)
+        output = self.experts(flat, top_k_index, top_k_weights)
+        if self.shared_expert is not None:
+            output = output + self.shared_expert(flat)
+        return output.reshape(batch, seq_len, hidden)
 
 
 # --------------------------------------------------------------------------------------------------- attention
@@ -205,8 +380,9 @@ class AgillmAttention(nn.Module):
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
-        self.is_causal = True
-        self.use_rope = layer_idx not in config.nope_layers
+        self.is_causal = True  # read by the sdpa/flash backends when no mask is given; masks carry SAT/NAT patterns
+        self.use_rope = config.uses_rope and layer_idx not in config.nope_layers
+        self.tie_kv = config.tie_kv
         # Flash attention reads the window from here; the other backends get it through the sliding mask.
         self.sliding_window = config.sliding_window if self.layer_type == "sliding_attention" else None
 
@@ -214,7 +390,8 @@ class AgillmAttention(nn.Module):
         kv_width = config.num_key_value_heads * self.head_dim
         self.q_proj = nn.Linear(config.hidden_size, q_width, bias=config.attention_bias)
         self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
+        if not config.tie_kv:  # with tie_kv the key projection also gives the values
+            self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_width, config.hidden_size, bias=config.attention_output_bias)
         if config.use_qk_norm:  # per head, over head_dim, before RoPE (Qwen3)
             self.q_norm = build_norm(config, self.head_dim)
@@ -233,7 +410,9 @@ class AgillmAttention(nn.Module):
 
         query_states = self.q_proj(hidden_states).view(hidden_shape)
         key_states = self.k_proj(hidden_states).view(hidden_shape)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        # tie_kv: values are the key projection itself (before QK-norm and RoPE, which only shape the scores).
+        value_states = key_states if self.tie_kv else self.v_proj(hidden_states).view(hidden_shape)
+        value_states = value_states.transpose(1, 2)
         if self.config.use_qk_norm:
             query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
         query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
@@ -267,13 +446,14 @@ class AgillmAttention(nn.Module):
 
 
 class AgillmDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+    """Pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))` (dense MLP or MoE)."""
 
     def __init__(self, config: AgillmConfig, layer_idx: int):
         super().__init__()
         self.attention_type = config.layer_types[layer_idx]
         self.self_attn = AgillmAttention(config=config, layer_idx=layer_idx)
-        self.mlp = AgillmMLP(config)
+        self.mlp = AgillmSparseMoeBlock(config) if config.num_experts else AgillmMLP(config)
+        self.hidden_dropout = nn.Dropout(config.hidden_dropout)  # AGILLM 4.x: on the attention output only
         self.input_layernorm = build_norm(config, config.hidden_size)
         self.post_attention_layernorm = build_norm(config, config.hidden_size)
 
@@ -297,7 +477,7 @@ class AgillmDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             **kwargs,
         )
-        hidden_states = residual + hidden_states
+        hidden_states = residual + self.hidden_dropout(hidden_states)
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
         return residual + hidden_states
@@ -321,7 +501,20 @@ class AgillmPreTrainedModel(PreTrainedModel):
     _can_record_outputs = {
         "hidden_states": AgillmDecoderLayer,
         "attentions": AgillmAttention,
+        "router_logits": OutputRecorder(AgillmRouter, index=0),
     }
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, AgillmRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (AgillmExperts, AgillmPlainExperts)):
+            for name, parameter in module.named_parameters(recurse=False):
+                if name.endswith("_bias"):
+                    init.zeros_(parameter)
+                else:
+                    init.normal_(parameter, mean=0.0, std=std)
 
 
 @auto_docstring
@@ -357,7 +550,8 @@ class AgillmModel(AgillmPreTrainedModel):
 
     def _check_last_position(self, last_position: int | torch.Tensor) -> None:
         """Positions past the trained context silently degrade RoPE models; refuse them (dynamic RoPE extrapolates)."""
-        if self.config.rope_type == "dynamic" or torch.compiler.is_compiling():
+        extrapolates = self.config.rope_type == "dynamic" or not self.config.uses_rope  # ALiBi/NoPE: no table to run off
+        if extrapolates or torch.compiler.is_compiling():
             return
         last_position = int(last_position)
         if last_position >= self.config.max_position_embeddings:
@@ -366,6 +560,73 @@ class AgillmModel(AgillmPreTrainedModel):
                 f"{self.config.max_position_embeddings}. Shorten the input (prompt + new tokens), or use a "
                 "config with a longer context (e.g. rope_type='dynamic', 'yarn' or 'llama3')."
             )
+
+
+    def _key_positions(self, attention_mask, past_key_values, position_ids, batch_size: int, kv_length: int):
+        """Absolute position of every key index `[batch, kv_length]` (left padding shifts them, as `position_ids`)."""
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        elif past_length == 0:
+            positions = position_ids
+        else:
+            positions = torch.arange(past_length + position_ids.shape[-1], device=position_ids.device)[None]
+        positions = positions.expand(batch_size, -1)
+        if positions.shape[-1] < kv_length:  # a static cache has room for more keys than were seen yet
+            extra = torch.arange(1, kv_length - positions.shape[-1] + 1, device=positions.device)
+            positions = torch.cat([positions, positions[:, -1:] + extra], dim=-1)
+        return positions[:, :kv_length]
+
+    def _objective_masks(self, objective, inputs_embeds, attention_mask, past_key_values, position_ids) -> dict:
+        """One mask per layer type for the objective's attention pattern, built by `masking_utils`."""
+        config = self.config
+        mask_kwargs = {
+            "config": config,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+        }
+        if objective != "ar":
+            layer_types = {"full_attention"}  # the config allows SAT/NAT heads only on full-attention models
+        else:
+            layer_types = set(config.layer_types)
+        if objective == "nat" and config.nat_block_size is None:  # AGILLM 4.x NAT: every token sees every token
+            no_skip = {"allow_is_bidirectional_skip": False} if config.uses_alibi and attention_mask is not None else {}
+            return {"full_attention": create_bidirectional_mask(**mask_kwargs, **no_skip)}
+        mask_kwargs["position_ids"] = position_ids
+        if config.uses_alibi:  # the bias is added to the mask, so it must exist even where sdpa could skip it
+            mask_kwargs["allow_is_causal_skip"] = False
+        if objective != "ar":  # SAT, block NAT: tokens of one block see each other, earlier blocks causally
+            block_size = config.sat_block_size if objective == "sat" else config.nat_block_size
+            key_positions = self._key_positions(
+                attention_mask, past_key_values, position_ids, inputs_embeds.shape[0], self._kv_length(
+                    inputs_embeds, attention_mask, past_key_values)
+            )
+            mask_kwargs["block_sequence_ids"] = key_positions // block_size
+        return {kind: MASK_BUILDERS[kind](**mask_kwargs) for kind in layer_types}
+
+    @staticmethod
+    def _kv_length(inputs_embeds, attention_mask, past_key_values) -> int:
+        if past_key_values is not None:
+            return past_key_values.get_mask_sizes(inputs_embeds.shape[1], 0)[0]
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+            return attention_mask.shape[-1]
+        return inputs_embeds.shape[1]
+
+    def _alibi_bias(self, inputs_embeds, attention_mask, past_key_values, position_ids, masks) -> torch.Tensor:
+        if self.config._attn_implementation not in ("eager", "sdpa"):
+            raise ValueError(
+                f"position_embedding_type={self.config.position_embedding_type!r} adds ALiBi to the attention mask, "
+                f"which needs attn_implementation 'eager' or 'sdpa', not {self.config._attn_implementation!r}."
+            )
+        kv_length = next((m.shape[-1] for m in masks.values() if m is not None), None)
+        kv_length = kv_length or self._kv_length(inputs_embeds, attention_mask, past_key_values)
+        batch_size = inputs_embeds.shape[0]
+        key_positions = self._key_positions(attention_mask, past_key_values, position_ids, batch_size, kv_length)
+        query_positions = position_ids.expand(batch_size, -1)
+        slopes = alibi_slopes(self.config.num_attention_heads)  # H floats: cheaper to rebuild than to keep in sync
+        bias = alibi_bias(slopes, query_positions, key_positions, self.config.position_embedding_type)
+        return bias.to(inputs_embeds.dtype)
 
     @merge_with_config_defaults
     @capture_outputs
@@ -378,8 +639,16 @@ class AgillmModel(AgillmPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        objective: str = "ar",
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
+        r"""
+        objective (`str`, *optional*, defaults to `"ar"`):
+            Which attention pattern the trunk runs with: `"ar"` (causal), `"sat"` (block-causal over blocks of
+            `config.sat_block_size`) or `"nat"` (bidirectional, or block-causal over `config.nat_block_size`).
+        """
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}.")
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
 
@@ -400,16 +669,13 @@ class AgillmModel(AgillmPreTrainedModel):
 
         # `generate` with a compileable cache passes the masks pre-built, one per layer type.
         if not isinstance(mask_per_layer_type := attention_mask, dict):
-            mask_kwargs = {
-                "config": self.config,
-                "inputs_embeds": inputs_embeds,
-                "attention_mask": attention_mask,
-                "past_key_values": past_key_values,
-                "position_ids": position_ids,
-            }
-            mask_per_layer_type = {
-                layer_type: MASK_BUILDERS[layer_type](**mask_kwargs) for layer_type in set(self.config.layer_types)
-            }
+            mask_per_layer_type = self._objective_masks(
+                objective, inputs_embeds, attention_mask, past_key_values, position_ids
+            )
+        if self.config.uses_alibi and not (self.config.position_embedding_type == "agillm_alibi" and objective == "ar"):
+            # (AGILLM 4.x's clamped ALiBi is exactly zero on every key a causal query sees, so AR skips it.)
+            bias = self._alibi_bias(inputs_embeds, attention_mask, past_key_values, position_ids, mask_per_layer_type)
+            mask_per_layer_type = {kind: add_bias_to_mask(mask, bias) for kind, mask in mask_per_layer_type.items()}
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -427,9 +693,53 @@ class AgillmModel(AgillmPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
 
 
+@dataclass
+class AgillmCausalLMOutputWithPast(CausalLMOutputWithPast):
+    r"""
+    loss (`torch.FloatTensor`, *optional*): the (weighted multi-objective) training loss, when `labels` are given.
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): the selected head's logits
+        (the AR head's when several objectives are trained at once).
+    objective_losses (`dict[str, torch.FloatTensor]`, *optional*): each objective's unweighted loss.
+    gate_logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, sat_block_size)`, *optional*): SAT
+        stride-gate logits at every position (class `s - 1` = emit `s` tokens); read at a block's first position.
+    router_logits (`tuple[torch.FloatTensor]`, *optional*): per MoE layer, router logits `[tokens, experts]`
+        (with `output_router_logits=True`).
+    """
+
+    objective_losses: dict[str, torch.FloatTensor] | None = None
+    gate_logits: torch.FloatTensor | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+
+
+class AgillmSATHead(nn.Module):
+    """SAT head: `proj` predicts token t + `sat_block_size` at position t; `gate` scores stride 1..block size."""
+
+    def __init__(self, config: AgillmConfig):
+        super().__init__()
+        self.proj = nn.Linear(config.hidden_size, config.vocab_size, bias=config.head_bias)
+        self.gate = nn.Linear(config.hidden_size, config.sat_block_size, bias=True)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.proj(hidden_states), self.gate(hidden_states)
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over targets that are not -100, computed in fp32; zero (with grad) if there are none."""
+    logits = logits.float().reshape(-1, logits.shape[-1])
+    targets = targets.reshape(-1).to(logits.device)
+    if not (targets != -100).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, targets, ignore_index=-100, label_smoothing=label_smoothing)
+
+
 @auto_docstring
 class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
-    """The AR (next-token) head over the trunk; `generate`, `pipeline("text-generation")` and `Trainer` use it."""
+    """The trunk with its heads: AR (`lm_head`, next token) and, per `config.heads`, SAT and NAT.
+
+    `forward(objective=...)` picks the head and its attention pattern; with `labels` and no objective it returns the
+    weighted sum of every head's loss, which is what `Trainer` optimises. `generate`, `pipeline("text-generation")`
+    and PEFT see a standard causal LM; `generate(generation_mode=...)` reaches the SAT/NAT/staged decoders.
+    """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -440,8 +750,35 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = AgillmModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.head_bias)
+        head_projections = ["lm_head"]
+        if "sat" in config.heads:
+            self.sat_head = AgillmSATHead(config)
+            head_projections.append("sat_head.proj")
+        if "nat" in config.heads:
+            self.nat_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.head_bias)
+            head_projections.append("nat_head")
+        # Per instance: tying and the parallel plans may only name heads this model has.
+        self._tied_weights_keys = {f"{name}.weight": "model.embed_tokens.weight" for name in head_projections}
+        self._tp_plan = {name: "colwise_gather_output" for name in head_projections}
         self.post_init()
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """`Trainer` passes `num_items_in_batch` only where the loss honours it: the plain AR loss."""
+        return self._training_objectives() == ["ar"] and not self.config.label_smoothing
+
+    def _training_objectives(self) -> list[str]:
+        return [name for name, weight in self.config.objective_weights.items() if weight > 0]
+
+    def _head(self, objective: str) -> nn.Module:
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {list(OBJECTIVES)} or None, got {objective!r}.")
+        if objective not in self.config.heads:
+            raise ValueError(f"This model has no {objective!r} head (config.heads={self.config.heads}).")
+        return {"ar": self.lm_head, "sat": getattr(self, "sat_head", None), "nat": getattr(self, "nat_head", None)}[
+            objective
+        ]
 
     @can_return_tuple
     @auto_docstring
@@ -455,11 +792,17 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        objective: str | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> CausalLMOutputWithPast:
+    ) -> AgillmCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            Target ids for the next-token loss (shifted inside the loss); `-100` positions are ignored.
+            Target ids, aligned with `input_ids` (each objective shifts them itself); `-100` positions are ignored.
+            AR predicts `labels[t + 1]` at t, SAT `labels[t + sat_block_size]`, NAT re-predicts the tokens it hides
+            (the model draws the NAT mask itself, so `Trainer` needs no special collator).
+        objective (`str`, *optional*):
+            `"ar"`, `"sat"` or `"nat"`: run that head with its attention pattern. `None` means `"ar"` without
+            labels, and the multi-objective loss (`config.objective_weights`) with labels.
 
         Example:
 
@@ -470,29 +813,182 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         >>> ids = tokenizer("To be, or not to be", return_tensors="pt")
         >>> tokenizer.decode(model.generate(**ids, max_new_tokens=20)[0])
         ```"""
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "inputs_embeds": inputs_embeds,
+        }
+        if labels is not None and objective is None and self._training_objectives() != ["ar"]:
+            return self._multi_objective_forward(inputs, labels, **kwargs)
+        objective = objective or "ar"
+        head = self._head(objective)
+        if labels is not None and objective == "nat":
+            loss, logits, outputs = self._nat_loss(inputs, labels, **kwargs)
+            return AgillmCausalLMOutputWithPast(
+                loss=loss, logits=logits, objective_losses={"nat": loss}, hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions, router_logits=outputs.get("router_logits"),
+            )
+
         outputs: BaseModelOutputWithPast = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **kwargs,
+            **inputs, past_key_values=past_key_values, use_cache=use_cache, objective=objective, **kwargs
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)
+        gate_logits = None
+        if objective == "sat":
+            logits, gate_logits = head(hidden_states)
+        else:
+            logits = head(hidden_states)
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-
-        return CausalLMOutputWithPast(
+            loss = self._ar_loss(logits, labels, **kwargs) if objective == "ar" else self._sat_loss(
+                logits, gate_logits, labels
+            )
+        return AgillmCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
+            objective_losses={objective: loss} if loss is not None else None,
+            gate_logits=gate_logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            router_logits=outputs.get("router_logits"),
         )
+
+    # ----------------------------------------------------------------------------------------------- losses
+
+    def _multi_objective_forward(self, inputs: dict, labels: torch.Tensor, **kwargs) -> AgillmCausalLMOutputWithPast:
+        """`sum_o weight_o * loss_o`, one trunk pass per objective (each needs its own attention pattern)."""
+        kwargs.pop("num_items_in_batch", None)  # each objective averages over its own targets
+        losses, ar_output = {}, None
+        for objective in self._training_objectives():
+            output = self(**inputs, labels=labels, objective=objective, use_cache=False, **kwargs)
+            losses[objective] = output.loss
+            if objective == "ar":
+                ar_output = output
+        loss = sum(self.config.objective_weights[name] * value for name, value in losses.items())
+        return AgillmCausalLMOutputWithPast(
+            loss=loss,
+            logits=ar_output.logits if ar_output is not None else None,
+            objective_losses=losses,
+            hidden_states=ar_output.hidden_states if ar_output is not None else None,
+        )
+
+    def _ar_loss(self, logits: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+        if not self.config.label_smoothing:
+            return self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return token_cross_entropy(logits[:, :-1], labels[:, 1:], self.config.label_smoothing)
+
+    def _sat_loss(self, logits: torch.Tensor, gate_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Token t + b at position t; plus, with `sat_gate_loss`, the gate on the stride that was safe to emit."""
+        block = self.config.sat_block_size
+        loss = token_cross_entropy(logits[:, :-block], labels[:, block:], self.config.label_smoothing)
+        if self.config.sat_gate_loss:
+            loss = loss + self._sat_gate_loss(logits.detach(), gate_logits, labels)
+        return loss
+
+    def _sat_gate_loss(self, logits: torch.Tensor, gate_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Gate target at a block start t: (number of leading correct predictions of tokens t+b .. t+2b-1) - 1.
+
+        A SAT step always emits its first token; each further token is safe only if it and all before it are what
+        the data says. That count is the stride the gate should pick (AGILLM 4.x trained the gate on no target).
+        """
+        block = self.config.sat_block_size
+        num_blocks = (labels.shape[1] - block) // block  # blocks whose b targets all lie inside the sequence
+        if num_blocks <= 0:
+            return gate_logits.sum() * 0.0
+        span = num_blocks * block
+        predicted = logits[:, :span].argmax(-1).view(-1, num_blocks, block)
+        targets = labels[:, block : block + span].to(predicted.device).view(-1, num_blocks, block)
+        correct = (predicted == targets).long().cumprod(dim=-1).sum(-1)  # leading run of correct predictions
+        stride_class = (correct.clamp(min=1) - 1).masked_fill((targets == -100).any(-1), -100)
+        return token_cross_entropy(gate_logits[:, :span:block], stride_class)
+
+    def _nat_noise(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hide each target with probability r ~ U(0, 1), drawn per row (per block with `nat_block_size`).
+
+        Returns the noised ids and the NAT targets (`labels` where hidden, -100 elsewhere).
+        """
+        batch, seq_len = input_ids.shape
+        block = self.config.nat_block_size or seq_len
+        num_blocks = -(-seq_len // block)
+        ratio = torch.rand(batch, num_blocks, 1, device=input_ids.device).expand(-1, -1, block)
+        ratio = ratio.reshape(batch, -1)[:, :seq_len]
+        hidden = (torch.rand(batch, seq_len, device=input_ids.device) < ratio) & (labels != -100)
+        noised = input_ids.masked_fill(hidden, self.config.nat_mask_token_id)
+        return noised, labels.masked_fill(~hidden, -100)
+
+    def _nat_loss(self, inputs: dict, labels: torch.Tensor, **kwargs):
+        """Cross-entropy of the NAT head on the tokens it hid.
+
+        Bidirectional NAT (AGILLM 4.x) runs on the noised sequence. Block NAT trains exactly as it decodes: the
+        clean sequence and the noised one run side by side; a noised block sees the *clean* earlier blocks and its
+        own noised block, a clean block sees clean blocks up to itself — the KV cache of finished blocks at decode.
+        """
+        input_ids = inputs["input_ids"]
+        if input_ids is None:
+            raise ValueError("The NAT loss needs input_ids (it replaces hidden tokens by nat_mask_token_id).")
+        noised, targets = self._nat_noise(input_ids, labels)
+        if self.config.nat_block_size is None:
+            outputs = self.model(**{**inputs, "input_ids": noised}, use_cache=False, objective="nat", **kwargs)
+            logits = self.nat_head(outputs.last_hidden_state)
+        else:
+            outputs = self._clean_and_noised_pass(inputs, noised, **kwargs)
+            logits = self.nat_head(outputs.last_hidden_state[:, input_ids.shape[1] :])
+        return token_cross_entropy(logits, targets, self.config.label_smoothing), logits, outputs
+
+    def _clean_and_noised_pass(self, inputs: dict, noised: torch.Tensor, **kwargs) -> BaseModelOutputWithPast:
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        batch, seq_len = input_ids.shape
+        position_ids = inputs["position_ids"]
+        if position_ids is None:
+            position_ids = torch.arange(seq_len, device=input_ids.device)[None].expand(batch, -1)
+        position_ids = position_ids.expand(batch, -1)
+        block_of = position_ids // self.config.nat_block_size
+
+        def clean_then_noised(batch_idx, head_idx, q_idx, kv_idx):
+            q_clean, kv_clean = q_idx < seq_len, kv_idx < seq_len
+            q_block = block_of[batch_idx, torch.where(q_clean, q_idx, q_idx - seq_len)]
+            kv_block = block_of[batch_idx, torch.where(kv_clean, kv_idx, kv_idx - seq_len)]
+            clean_query = q_clean & kv_clean & (kv_block <= q_block)
+            noised_query = ~q_clean & ((kv_clean & (kv_block < q_block)) | (~kv_clean & (kv_block == q_block)))
+            return clean_query | noised_query
+
+        padding = None if attention_mask is None else torch.cat([attention_mask, attention_mask], dim=-1).bool()
+        inputs_embeds = self.model.embed_tokens(torch.cat([input_ids, noised], dim=-1))
+        mask = ALL_MASK_ATTENTION_FUNCTIONS[self.config._attn_implementation](
+            batch_size=batch,
+            q_length=2 * seq_len,
+            kv_length=2 * seq_len,
+            mask_function=clean_then_noised,
+            attention_mask=padding,
+            allow_is_causal_skip=False,
+            dtype=inputs_embeds.dtype,
+            config=self.config,
+            device=inputs_embeds.device,
+        )
+        self.model._check_token_ids(input_ids)
+        return self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask={"full_attention": mask},
+            position_ids=torch.cat([position_ids, position_ids], dim=-1),
+            use_cache=False,
+            objective="nat",
+            **kwargs,
+        )
+
+    # ----------------------------------------------------------------------------------------------- decoding
+
+    def generate(self, *args, generation_mode: str | None = None, **kwargs):
+        r"""
+        `GenerationMixin.generate`, plus `generation_mode` for AGILLM's parallel decoders (see
+        `generation_agillm.py`): `"sat"`, `"nat_mask_predict"`, `"nat_block"`, `"staged"`. `None` or `"ar"` is
+        standard autoregressive generation (greedy, sampling, beam search, assisted, ...).
+        """
+        if generation_mode in (None, "ar"):
+            return super().generate(*args, **kwargs)
+        return agillm_generate(self, *args, generation_mode=generation_mode, **kwargs)
 
 
 # The task heads reuse transformers' generic forward passes (pooling, losses). Their constructors are spelled out
