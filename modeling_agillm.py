@@ -46,9 +46,11 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 try:  # a saved model folder (remote code): sibling modules of the same package
     from .configuration_agillm import AgillmConfig
+    from .diffusion_blocks_agillm import diffusion_blocks_training_step, diffusion_euler_generate
     from .generation_agillm import agillm_generate
 except ImportError:  # this repository, imported as top-level modules
     from configuration_agillm import AgillmConfig
+    from diffusion_blocks_agillm import diffusion_blocks_training_step, diffusion_euler_generate
     from generation_agillm import agillm_generate
 
 
@@ -819,6 +821,8 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
             "position_ids": position_ids,
             "inputs_embeds": inputs_embeds,
         }
+        if labels is not None and objective is None and self.training and self.config.diffusion_blocks is not None:
+            return diffusion_blocks_training_step(self, inputs, labels, **kwargs)  # one layer group per step
         if labels is not None and objective is None and self._training_objectives() != ["ar"]:
             return self._multi_objective_forward(inputs, labels, **kwargs)
         objective = objective or "ar"
@@ -983,11 +987,14 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
     def generate(self, *args, generation_mode: str | None = None, **kwargs):
         r"""
         `GenerationMixin.generate`, plus `generation_mode` for AGILLM's parallel decoders (see
-        `generation_agillm.py`): `"sat"`, `"nat_mask_predict"`, `"nat_block"`, `"staged"`. `None` or `"ar"` is
+        `generation_agillm.py`): `"sat"`, `"nat_mask_predict"`, `"nat_block"`, `"staged"`, and the DiffusionBlocks
+        Euler sampler `"diffusion_euler"` (`diffusion_blocks_agillm.py`). `None` or `"ar"` is
         standard autoregressive generation (greedy, sampling, beam search, assisted, ...).
         """
         if generation_mode in (None, "ar"):
             return super().generate(*args, **kwargs)
+        if generation_mode == "diffusion_euler":
+            return diffusion_euler_generate(self, *args, **kwargs)
         return agillm_generate(self, *args, generation_mode=generation_mode, **kwargs)
 
 

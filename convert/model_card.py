@@ -1,6 +1,7 @@
 """Model card (README.md with Hub metadata) for a converted folder."""
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,11 +14,21 @@ from configuration_agillm import AgillmConfig
 class Provenance:
     """Where the weights came from, as far as the converter knows."""
 
-    model_type: str  # the source family: llama, mistral, qwen2, qwen3
+    model_type: str  # the source family: llama, mistral, qwen2, qwen3, agillm4
     description: str  # e.g. "local folder `x`" or "GGUF file `y`, dequantized to float by transformers"
     base_model: str | None = None  # a Hub repo id, written as `base_model` metadata
+    name: str | None = None  # how the card names the source; default "a <model_type> model"
     license: str | None = None
     language: list[str] | None = None
+    # How faithful the conversion is, completing "This folder holds ... converted to AGILLM: ...".
+    fidelity: str = (
+        "the weights are copied one to one into the AGILLM decoder, whose configuration reproduces the source's "
+        "computation (logits match transformers' implementation of the source within fp32 rounding)"
+    )
+    command: str = "python -m convert SOURCE OUTPUT_DIR"
+    source_details: list[tuple[str, str]] = field(default_factory=list)  # rows of a "Source checkpoint" table
+    source_record: dict | None = None  # the source's own metadata, shown verbatim as JSON
+    notes: list[str] = field(default_factory=list)  # caveats worth a line each (e.g. no tokenizer was found)
 
 
 def _architecture_rows(config: AgillmConfig, dtype: torch.dtype) -> list[tuple[str, str]]:
@@ -32,15 +43,94 @@ def _architecture_rows(config: AgillmConfig, dtype: torch.dtype) -> list[tuple[s
         ("attention layers", attention),
         ("bias (q/k/v, o, MLP)", f"{config.attention_bias}, {config.attention_output_bias}, {config.mlp_bias}"),
         ("QK-norm", str(config.use_qk_norm)),
-        ("RoPE", ", ".join(f"{key}={value}" for key, value in config.rope_parameters.items())),
+        _positions_row(config),
+        ("MLP", f"{config.mlp_type}, {config.hidden_act}, norm {config.norm_type} (eps {config.rms_norm_eps})"),
+        *_moe_rows(config),
+        ("tied key/value projection", str(config.tie_kv)),
+        ("heads", ", ".join(config.heads) + (" (with bias)" if config.head_bias else "")),
         ("vocabulary / context", f"{config.vocab_size} / {config.max_position_embeddings}"),
         ("tied embeddings", str(config.tie_word_embeddings)),
         ("weights dtype", str(dtype).removeprefix("torch.")),
     ]
 
 
+def _positions_row(config: AgillmConfig) -> tuple[str, str]:
+    if config.position_embedding_type == "rope":
+        return "RoPE", ", ".join(f"{key}={value}" for key, value in config.rope_parameters.items())
+    return "positions", f"`{config.position_embedding_type}` (no RoPE)"
+
+
+def _moe_rows(config: AgillmConfig) -> list[tuple[str, str]]:
+    if not config.num_experts:
+        return []
+    shared = config.shared_expert_intermediate_size
+    return [("MoE", f"{config.num_experts} experts x {config.moe_intermediate_size}, top-{config.num_experts_per_tok} "
+                    f"({config.router_type})" + (f", shared expert {shared}" if shared else ""))]
+
+
+def _cell(text) -> str:
+    """Table cells are one line, and a `|` inside one would end it."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    return "\n".join(f"| {_cell(name)} | {_cell(value)} |" for name, value in rows)
+
+
+def _source_sections(provenance: Provenance) -> str:
+    """The source checkpoint's own record (table of scalars, full JSON) and the caveats, when there are any."""
+    sections = ""
+    if provenance.source_details:
+        sections += f"""
+## Source checkpoint
+
+| field | value |
+|---|---|
+{_table(provenance.source_details)}
+"""
+    if provenance.source_record:
+        record = json.dumps(provenance.source_record, indent=1, default=str)
+        sections += f"""
+<details><summary>Full metadata recorded in the source checkpoint</summary>
+
+```json
+{record}
+```
+
+</details>
+"""
+    if provenance.notes:
+        sections += "\n## Notes\n\n" + "\n".join(f"- {note}" for note in provenance.notes) + "\n"
+    return sections
+
+
+def _usage(has_tokenizer: bool) -> str:
+    if has_tokenizer:
+        return """```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder", trust_remote_code=True)
+inputs = tokenizer("The capital of France is", return_tensors="pt")
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))
+```"""
+    return """This folder has no tokenizer (see the notes above); the model takes token ids:
+
+```python
+import torch
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", trust_remote_code=True)
+print(model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=20))
+```"""
+
+
 def build_model_card(
-    config: AgillmConfig, provenance: Provenance, dtype: torch.dtype, has_chat_template: bool
+    config: AgillmConfig,
+    provenance: Provenance,
+    dtype: torch.dtype,
+    has_chat_template: bool,
+    has_tokenizer: bool = True,
 ) -> ModelCard:
     tags = ["agillm", "custom_code", "converted", provenance.model_type]
     if has_chat_template:
@@ -53,23 +143,21 @@ def build_model_card(
         language=provenance.language,
         base_model=provenance.base_model,
     )
-    what = f"a {provenance.model_type} model"
+    what = provenance.name or f"a {provenance.model_type} model"
     if provenance.base_model:
         what = f"[`{provenance.base_model}`](https://huggingface.co/{provenance.base_model}), {what},"
-    table = "\n".join(f"| {name} | {value} |" for name, value in _architecture_rows(config, dtype))
+    table = _table(_architecture_rows(config, dtype))
     license_line = "That of the source model."
     if provenance.license:
         license_line = f"`{provenance.license}`, as the source model."
     body = f"""
-# AGILLM conversion of {provenance.base_model or f"a {provenance.model_type} model"}
+# AGILLM conversion of {provenance.base_model or what}
 
-This folder holds {what} converted to AGILLM: the weights are copied one to one into the AGILLM decoder, whose
-configuration reproduces the source's computation (logits match transformers' implementation of the source
-within fp32 rounding).
+This folder holds {what} converted to AGILLM: {provenance.fidelity}.
 
 - Source: {provenance.description}.
-- Converted with `convert/` of the AGILLM repository (`python -m convert SOURCE OUTPUT_DIR`).
-
+- Converted with `convert/` of the AGILLM repository (`{provenance.command}`).
+{_source_sections(provenance)}
 ## Architecture
 
 | field | value |
@@ -81,14 +169,7 @@ within fp32 rounding).
 The model code ships in this folder (`configuration_agillm.py`, `modeling_agillm.py`, `processing_agillm.py`),
 so load it with `trust_remote_code=True`:
 
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder", trust_remote_code=True)
-inputs = tokenizer("The capital of France is", return_tensors="pt")
-print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))
-```
+{_usage(has_tokenizer)}
 
 ## License
 
