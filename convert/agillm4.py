@@ -1,14 +1,14 @@
 """`convert_agillm4`: a native AGILLM 4.x `.pt` checkpoint in, a complete AGILLM folder out.
 
-The native format is described in /work/shared/agillm41/FORMAT.md: a (possibly zstd-wrapped) legacy `torch.save`
-of `{"core": Encoder state, "ar"/"sat"/"nat": head states, "cfg": {...}, "tie_weights": bool, tokenizer_*, ...}`.
+The native format (FORMAT.md of the AGILLM 4.1 reference fixtures) is a possibly zstd-wrapped legacy `torch.save` of
+`{"core": Encoder state, "ar"/"sat"/"nat": head states, "cfg": {...}, "tie_weights": bool, tokenizer_*, ...}`.
 
 Steps: read the file with `weights_only=True` (`agillm4_container`) -> normalize the state dicts (strip
 `_orig_mod.`, fuse legacy `mha.q/k/v`) -> check every key against the layouts this converter understands and every
 shape against `cfg` -> derive the `AgillmConfig` from the shapes, cross-checked with `cfg` (never from environment
 variables, as the trainer's own loader would) -> map the tensors (the per-layer low-rank metric `U` is folded into
-the query projection) -> save model, tokenizer (when the checkpoint embeds a real one), generation config and model
-card into a staging folder that replaces the target only when complete.
+the query projection) -> save model, tokenizer (when the checkpoint embeds a real one; `agillm4_metadata`),
+generation config and model card into a staging folder that replaces the target only when complete.
 
 Name mapping (d = width, H = heads, d_k = d / H):
 
@@ -27,27 +27,20 @@ Name mapping (d = width, H = heads, d_k = d / H):
 | lm_head / sat_head.proj / sat_head.gate / nat_head | ar proj / sat proj / sat gate / nat proj            |
 
 Folding U is exact: the native scores are (Q_h U)(K_h U)ᵀ = Q_h (U Uᵀ) K_hᵀ on the low-rank path (r <= d_k) and
-Q_h (U Uᵀ) K_hᵀ directly on the metric path (r > d_k); U Uᵀ is symmetric, so Q_h (U Uᵀ) = x ((U Uᵀ) W_q,h)ᵀ.
+Q_h (U Uᵀ) K_hᵀ directly on the metric path (r > d_k); U Uᵀ is symmetric, so
+Q_h (U Uᵀ) = x ((U Uᵀ) W_q,h)ᵀ.
 """
 
-import base64
-import binascii
-import io
-import json
 import logging
 import re
 import shutil
-import tarfile
-import tempfile
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers import GenerationConfig
 from transformers.utils.logging import tqdm
 
 import processing_agillm
@@ -55,7 +48,8 @@ from configuration_agillm import AgillmConfig
 from modeling_agillm import AgillmForCausalLM
 from processing_agillm import AgillmProcessor
 
-from .agillm4_container import NativeContainer, read_native_checkpoint
+from .agillm4_container import read_native_checkpoint
+from .agillm4_metadata import native_provenance, restore_tokenizer
 from .atomic import atomic_directory, check_output_dir
 from .config_mapping import ConversionError
 from .converter import _resolve_dtype, _verify_folder
@@ -67,11 +61,13 @@ logger = logging.getLogger(__name__)
 HEAD_GROUPS = ("ar", "sat", "nat")
 COMPILE_PREFIX = "_orig_mod."  # torch.compile wraps modules; their state-dict keys carry this component
 DEFAULT_CONTEXT = 2048  # max_position_embeddings when the provenance records no block_size (ALiBi is not bound by it)
-# AGILLM 4.x constants that no checkpoint records (FORMAT.md sections 6.2, 6.5, 6.6, 6.9).
+# AGILLM 4.x constants that no checkpoint records (FORMAT.md sections 6.2, 6.5, 6.6, 6.9; the trainer's losses).
 NATIVE_NORM_EPS = 1e-5
 NATIVE_SAT_BLOCK = 2
 NATIVE_ATTENTION_OUTPUT_DROPOUT = 0.1
 NATIVE_DENSE_MLP_MULT = 4
+# The trainer's AR and SAT token losses use CrossEntropyLoss(label_smoothing=0.1), NAT none; continued training keeps it.
+NATIVE_LABEL_SMOOTHING = {"ar": 0.1, "sat": 0.1, "nat": 0.0}
 
 # Every key of the layouts this converter maps. A key outside them is a feature AGILLM would silently drop.
 LAYER_KEY = re.compile(
@@ -115,9 +111,13 @@ def _check_checkpoint_dict(checkpoint: Mapping) -> None:
         )
     for group in ("core", "ar", "sat"):
         if not isinstance(checkpoint.get(group), Mapping):
-            raise ConversionError(f"The checkpoint has no `{group}` state dict; it is not a full AGILLM 4.x checkpoint.")
+            raise ConversionError(
+                f"The checkpoint has no `{group}` state dict; it is not a full AGILLM 4.x checkpoint."
+            )
     if checkpoint.get("sat_head_mlp"):
-        raise ConversionError("The checkpoint uses the MLP SAT head (`sat_head_mlp`), which AGILLM does not implement.")
+        raise ConversionError(
+            "The checkpoint uses the MLP SAT head (`sat_head_mlp`), which AGILLM does not implement."
+        )
 
 
 def _fuse_legacy_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -448,7 +448,7 @@ def agillm4_config(checkpoint: Mapping, arch: NativeArchitecture) -> AgillmConfi
             sat_gate_loss=False,
             nat_mask_token_id=pad_id if pad_id is not None else 0,
             nat_block_size=None,
-            label_smoothing=0.0,
+            label_smoothing=NATIVE_LABEL_SMOOTHING,
             pad_token_id=pad_id,
             eos_token_id=eos_id,
             bos_token_id=None,
@@ -559,6 +559,15 @@ def _load_weights(model: AgillmForCausalLM, tensors: dict[str, torch.Tensor], dt
         raise RuntimeError(f"Conversion left parameters unfilled: {unfilled}")
 
 
+GENERATION_NOTE = (
+    "generation_config.json asks for greedy AR decoding with the checkpoint's eos/pad ids and no penalties, which "
+    "reproduces the native `infer --mode ar --greedy` with penalties off. The native AR defaults are sampling at "
+    "temperature 0.7, top-p 0.9, with repetition (1.3) and frequency (0.3) penalties over the last 128 ids; "
+    "`generate(do_sample=True, temperature=0.7, top_p=0.9, repetition_penalty=1.3)` comes close (transformers has no "
+    "frequency penalty)."
+)
+
+
 def agillm4_generation_config(checkpoint: Mapping) -> GenerationConfig:
     """Greedy AR decoding with the checkpoint's eos/pad ids (the native CLI's penalties are not HF defaults)."""
     pad_id, eos_id = _special_ids(checkpoint)
@@ -592,159 +601,6 @@ def agillm4_to_agillm(checkpoint: Mapping, dtype=None) -> AgillmForCausalLM:
     model.config.dtype = dtype
     model.generation_config = agillm4_generation_config(checkpoint)
     return model.eval()
-
-
-# --------------------------------------------------------------------------------------------------- tokenizer
-
-
-def _safe_file_name(name) -> str | None:
-    """A bundle file name usable as-is inside the output folder (no directories, no traversal)."""
-    name = str(name)
-    return name if re.fullmatch(r"[\w][\w.\-]*", name) and ".." not in name else None
-
-
-def _bundle_files(bundle: Mapping) -> dict[str, bytes]:
-    """`tokenizer_bundle` -> {file name: bytes}: text files by name, binary ones base64-encoded under `base64`
-    (a {name: base64} dict, or one base64 zip/tar archive of the `save_pretrained` folder)."""
-    files = {}
-    for name, content in bundle.items():
-        if name == "base64":
-            continue
-        if isinstance(content, (str, bytes)) and _safe_file_name(name):
-            files[name] = content.encode() if isinstance(content, str) else content
-    encoded = bundle.get("base64")
-    if isinstance(encoded, Mapping):
-        files |= {name: base64.b64decode(text) for name, text in encoded.items() if _safe_file_name(name)}
-    elif isinstance(encoded, str):
-        files |= _archive_files(base64.b64decode(encoded))
-    return files
-
-
-def _archive_files(blob: bytes) -> dict[str, bytes]:
-    if zipfile.is_zipfile(io.BytesIO(blob)):
-        with zipfile.ZipFile(io.BytesIO(blob)) as archive:
-            return {Path(info.filename).name: archive.read(info) for info in archive.infolist()
-                    if not info.is_dir() and _safe_file_name(Path(info.filename).name)}
-    with tarfile.open(fileobj=io.BytesIO(blob)) as archive:  # raises tarfile.ReadError for anything else
-        return {Path(member.name).name: archive.extractfile(member).read() for member in archive.getmembers()
-                if member.isfile() and _safe_file_name(Path(member.name).name)}
-
-
-def _tokenizer_from_bundle(bundle: Mapping) -> PreTrainedTokenizerBase:
-    files = _bundle_files(bundle)
-    if not files:
-        raise ValueError("it holds no usable files")
-    with tempfile.TemporaryDirectory() as folder:
-        for name, content in files.items():
-            (Path(folder) / name).write_bytes(content)
-        # No trust_remote_code: a bundle naming custom tokenizer code fails here instead of running it.
-        return AutoTokenizer.from_pretrained(folder)
-
-
-def _tokenizer_from_json(tokenizer_json: str) -> PreTrainedTokenizerBase:
-    from tokenizers import Tokenizer
-
-    payload = json.loads(tokenizer_json)
-    if isinstance(payload, dict) and payload.get("type") == "synthetic":
-        raise ValueError(f"it is the trainer's synthetic stand-in tokenizer ({tokenizer_json}), not a real one")
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json))
-
-
-def _apply_special_tokens(tokenizer: PreTrainedTokenizerBase, special: Mapping) -> None:
-    """Make the tokenizer's pad/eos the ones the trainer used (`tokenizer_special`)."""
-    for role in ("pad", "eos"):
-        token_id, token = special.get(f"{role}_token_id"), special.get(f"{role}_token")
-        if not isinstance(token_id, int) or getattr(tokenizer, f"{role}_token_id") == token_id:
-            continue
-        token = token or tokenizer.convert_ids_to_tokens(token_id)
-        if token is None or tokenizer.convert_tokens_to_ids(token) != token_id:
-            logger.warning("tokenizer_special %s id %s has no token in the restored tokenizer.", role, token_id)
-            continue
-        setattr(tokenizer, f"{role}_token", token)
-
-
-def restore_tokenizer(checkpoint: Mapping, vocab_size: int) -> tuple[PreTrainedTokenizerBase | None, str]:
-    """The tokenizer embedded in the checkpoint (`tokenizer_bundle`, else `tokenizer_json`), and how it was found.
-
-    Returns `(None, reason)` when the checkpoint embeds no real tokenizer (e.g. the synthetic test tokenizer).
-
-    Raises:
-        ConversionError: the tokenizer has more tokens than the model has embeddings.
-    """
-    attempts = []
-    tokenizer, source = None, ""
-    bundle, tokenizer_json = checkpoint.get("tokenizer_bundle"), checkpoint.get("tokenizer_json")
-    if isinstance(bundle, Mapping):
-        try:
-            tokenizer, source = _tokenizer_from_bundle(bundle), "restored from the checkpoint's `tokenizer_bundle`"
-        except (OSError, ValueError, KeyError, binascii.Error, tarfile.TarError, zipfile.BadZipFile) as error:
-            attempts.append(f"`tokenizer_bundle` could not be loaded ({error})")
-    if tokenizer is None and isinstance(tokenizer_json, str):
-        try:
-            tokenizer, source = _tokenizer_from_json(tokenizer_json), "rebuilt from the checkpoint's `tokenizer_json`"
-        except Exception as error:  # noqa: BLE001 - json and tokenizers raise assorted types for bad input
-            attempts.append(f"`tokenizer_json` is not usable: {error}")
-    if tokenizer is None:
-        reason = "; ".join(attempts) or "the checkpoint has neither `tokenizer_bundle` nor `tokenizer_json`"
-        tokenizer_id = checkpoint.get("tokenizer_id")
-        hint = f" The trainer's tokenizer id was `{tokenizer_id}`." if tokenizer_id else ""
-        return None, f"No tokenizer was written: {reason}.{hint}"
-    _apply_special_tokens(tokenizer, checkpoint.get("tokenizer_special") or {})
-    if len(tokenizer) > vocab_size:
-        raise ConversionError(
-            f"The embedded tokenizer has {len(tokenizer)} tokens but the model only {vocab_size} embeddings."
-        )
-    return tokenizer, f"Tokenizer {source} ({len(tokenizer)} tokens)."
-
-
-# --------------------------------------------------------------------------------------------------- provenance
-
-
-def _scalar(value) -> bool:
-    return value is None or isinstance(value, (str, int, float, bool))
-
-
-def _native_details(checkpoint: Mapping, container: NativeContainer) -> list[tuple[str, str]]:
-    """Rows of the model card's source table: the file, then every scalar the checkpoint records about itself."""
-    rows = [
-        ("file", f"`{container.file_name}` ({container.file_bytes:,} bytes)"),
-        ("sha256", f"`{container.sha256}`"),
-        ("container", container.describe()),
-        ("cfg", f"`{json.dumps(dict(checkpoint['cfg']), default=str)}`"),
-        ("tie_weights", str(checkpoint.get("tie_weights"))),
-    ]
-    skip = {"cfg", "tie_weights", "core", "ar", "sat", "nat", "opt", "scaler", "tokenizer_json", "tokenizer_bundle"}
-    for key, value in checkpoint.items():
-        if key not in skip and _scalar(value):
-            rows.append((str(key), f"`{value}`" if isinstance(value, str) else str(value)))
-    provenance = checkpoint.get("agillm43_provenance")
-    if isinstance(provenance, Mapping):
-        rows += [(f"provenance.{key}", f"`{value}`" if isinstance(value, str) else str(value))
-                 for key, value in provenance.items() if _scalar(value)]
-    return rows
-
-
-def _native_record(checkpoint: Mapping) -> dict:
-    """The checkpoint's non-tensor metadata, verbatim, for the model card's full record."""
-    keys = ("tokenizer_id", "tokenizer_special", "dataset_provenance", "agillm43_provenance")
-    return {key: checkpoint[key] for key in keys if key in checkpoint}
-
-
-def _provenance(checkpoint: Mapping, container: NativeContainer, notes: list[str]) -> Provenance:
-    return Provenance(
-        model_type="agillm4",
-        name="a native AGILLM 4.x checkpoint",
-        description=f"native AGILLM 4.x checkpoint `{container.file_name}` (sha256 `{container.sha256[:16]}…`)",
-        fidelity=(
-            "the configuration reproduces the native forward pass (FORMAT.md): AR, SAT and NAT hidden states and "
-            "logits match the original's reference outputs within fp32 rounding; the low-rank attention metric "
-            "`U` is folded into each layer's query projection"
-        ),
-        command="python -m convert --agillm4 CHECKPOINT.pt OUTPUT_DIR",
-        source_details=_native_details(checkpoint, container),
-        source_record=_native_record(checkpoint),
-        notes=notes,
-    )
 
 
 # --------------------------------------------------------------------------------------------------- saving
@@ -788,8 +644,9 @@ def convert_agillm4(checkpoint_path, output_dir, *, dtype=None, overwrite: bool 
     tokenizer, tokenizer_note = restore_tokenizer(checkpoint, model.config.vocab_size)
     if tokenizer is None:
         logger.warning(tokenizer_note)
-    notes = [tokenizer_note]
+    notes = [tokenizer_note, GENERATION_NOTE]
     if model.config.tie_word_embeddings:
-        notes.append("The AR, SAT and NAT projections are tied to the embedding, as in the native checkpoint.")
-    _save_folder(model, tokenizer, _provenance(checkpoint, container, notes), output_dir, overwrite)
+        heads = ", ".join(head.upper() for head in model.config.heads)
+        notes.append(f"The {heads} output projections are the embedding matrix (tied), as in the native checkpoint.")
+    _save_folder(model, tokenizer, native_provenance(checkpoint, container, notes), output_dir, overwrite)
     return output_dir

@@ -49,15 +49,18 @@ class NativeContainer:
         return f"`{PAYLOAD_CODEC}` wrapper, {self.codec}{level} payload ({self.raw_nbytes:,} bytes uncompressed)"
 
 
-def _torch_load_bytes(data: bytes, what: str) -> object:
-    """`torch.load(weights_only=True)` on in-memory bytes; every failure becomes a `ConversionError`."""
-    if not data.startswith(TORCH_FILE_PREFIXES):
+def _check_torch_prefix(head: bytes, what: str) -> None:
+    if not head.startswith(TORCH_FILE_PREFIXES):
         raise ConversionError(
-            f"{what} is not a torch checkpoint: it starts with bytes {data[:8].hex(' ') or '(none: empty)'}, "
+            f"Not a torch checkpoint: {what} starts with bytes {head[:8].hex(' ') or '(none: it is empty)'}, "
             "not a pickle stream or a zip archive."
         )
+
+
+def _torch_load(source, what: str) -> object:
+    """`torch.load(weights_only=True)` of a path or a byte stream; every failure becomes a `ConversionError`."""
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises EOFError, RuntimeError, UnpicklingError, KeyError ...
         if "Weights only load failed" in str(error):
             reason = "it pickles objects other than tensors and plain containers, which are never unpickled here"
@@ -66,17 +69,26 @@ def _torch_load_bytes(data: bytes, what: str) -> object:
         raise ConversionError(f"Cannot read {what}: {reason}.") from error
 
 
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _decompress(wrapper: dict, what: str) -> tuple[bytes, str]:
     payload = wrapper.get("payload")
     if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1:
         raise ConversionError(f"{what} has the {PAYLOAD_CODEC} wrapper but no 1-D uint8 `payload` tensor.")
-    blob = payload.numpy().tobytes()
+    blob = memoryview(payload.contiguous().numpy())  # no copy of a payload that may be gigabytes
+    magic = bytes(blob[:4])
     try:
-        if blob.startswith(ZLIB_FALLBACK_MAGIC):
+        if magic == ZLIB_FALLBACK_MAGIC:
             return zlib.decompress(blob[len(ZLIB_FALLBACK_MAGIC):]), "zlib"
-        if not blob.startswith(ZSTD_FRAME_MAGIC):
+        if magic != ZSTD_FRAME_MAGIC:
             raise ConversionError(
-                f"{what}: the payload is neither a zstd frame nor the ZLIB fallback (starts {blob[:4].hex(' ')})."
+                f"{what}: the payload is neither a zstd frame nor the ZLIB fallback (starts {magic.hex(' ')})."
             )
         import zstandard  # imported here: only wrapped checkpoints need it
 
@@ -97,12 +109,14 @@ def read_native_checkpoint(path) -> tuple[dict, NativeContainer]:
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"Checkpoint {path} not found (or not a file).")
-    data = path.read_bytes()
-    container = NativeContainer(file_name=path.name, file_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
+    what = f"checkpoint {path.name}"
+    with path.open("rb") as file:
+        _check_torch_prefix(file.read(8), what)
+    container = NativeContainer(file_name=path.name, file_bytes=path.stat().st_size, sha256=_file_sha256(path),
                                 codec="plain")
-    checkpoint = _torch_load_bytes(data, f"checkpoint {path.name}")
+    checkpoint = _torch_load(path, what)
     if isinstance(checkpoint, dict) and checkpoint.get(PAYLOAD_CODEC_KEY) == PAYLOAD_CODEC:
-        raw, container.codec = _decompress(checkpoint, f"checkpoint {path.name}")
+        raw, container.codec = _decompress(checkpoint, what)
         expected = checkpoint.get("raw_nbytes")
         if isinstance(expected, int) and expected != len(raw):
             raise ConversionError(
@@ -111,7 +125,9 @@ def read_native_checkpoint(path) -> tuple[dict, NativeContainer]:
         container.raw_nbytes = len(raw)
         level = checkpoint.get("zstd_level")
         container.codec_level = level if isinstance(level, int) and container.codec == "zstd" else None
-        checkpoint = _torch_load_bytes(raw, f"the payload of checkpoint {path.name}")
+        del checkpoint  # the compressed payload; only the decompressed stream is needed from here on
+        _check_torch_prefix(raw[:8], f"the payload of {what}")
+        checkpoint = _torch_load(io.BytesIO(raw), f"the payload of {what}")
     if not isinstance(checkpoint, dict):
         raise ConversionError(
             f"Checkpoint {path.name} holds a {type(checkpoint).__name__}, not an AGILLM checkpoint dict."
