@@ -5,6 +5,9 @@ conventions (the Llama/Qwen3/Llama4 names), so configs of those families map ont
 (see `convert/`). Invalid combinations raise `ValueError` when the config is built, never later in a forward.
 """
 
+import math
+from statistics import NormalDist
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
@@ -18,6 +21,51 @@ AGILLM_POSITION_TYPES = ("rope", "alibi", "agillm_alibi", "none")
 AGILLM_MLP_TYPES = ("gated", "plain")
 AGILLM_ROUTER_TYPES = ("softmax_topk", "top1_straight_through")
 AGILLM_HEADS = ("ar", "sat", "nat")
+# DiffusionBlocks settings (`diffusion_blocks`) and their defaults: AGILLM 4.x's `--dblock_*` defaults, except
+# `reconstruction_weight` (new; 0 is AGILLM 4.x's loss). `layer_groups` and `objectives` default per model (see
+# `_check_diffusion_blocks`); `sigma_bands` is always derived. See diffusion_blocks_agillm.py for what each one does.
+DIFFUSION_BLOCKS_DEFAULTS = {
+    "sigma_min": 0.002,
+    "sigma_max": 80.0,
+    "p_mean": -1.2,
+    "p_std": 1.2,
+    "sigma_data": 0.5,
+    "loss_weight_max": 5.0,
+    "sigma_curriculum_steps": 2000,
+    "sigma_stratified": True,
+    "reconstruction_weight": 1.0,
+    "group_choice": "loss_balanced",
+    "choice_warmup_steps": 16,
+    "choice_max_stale_steps": 64,
+    "choice_max_count_skew": 1.35,
+    "choice_explore": 0.08,
+    "choice_ema_decay": 0.96,
+    "choice_stale_bonus": 0.35,
+    "choice_undertrain_bonus": 0.25,
+    "euler_steps_per_group": 1,
+}
+DIFFUSION_BLOCKS_GROUP_CHOICES = ("loss_balanced", "round_robin", "random")
+DIFFUSION_BLOCKS_OBJECTIVES = ("ar", "sat")  # NAT is not an EDM objective in AGILLM 4.x (no noise level, no c_in)
+
+
+def uniform_layer_groups(num_layers: int, num_groups: int) -> list[list[int]]:
+    """AGILLM 4.x's partition: `num_groups` runs of `max(1, L // B)` layers, the last one taking the remainder."""
+    if not 1 <= num_groups <= num_layers:
+        raise ValueError(f"diffusion_blocks num_groups must lie in [1, num_hidden_layers={num_layers}], got {num_groups}.")
+    size = max(1, num_layers // num_groups)
+    return [[i * size, (i + 1) * size if i < num_groups - 1 else num_layers] for i in range(num_groups)]
+
+
+def equal_mass_sigma_bands(num_groups: int, sigma_min: float, sigma_max: float, p_mean: float, p_std: float):
+    """Band edges splitting log-normal(p_mean, p_std) truncated to [sigma_min, sigma_max] into equal-probability bands.
+
+    Edge i is `exp(p_mean + p_std * Phi^-1(a + (b - a) * i / B))` with `a, b = Phi((ln sigma_{min,max} - p_mean) / p_std)`
+    (AGILLM 4.x `_block_sigmas`); the ends are pinned to sigma_min and sigma_max exactly.
+    """
+    normal = NormalDist()
+    low, high = (normal.cdf((math.log(s) - p_mean) / p_std) for s in (sigma_min, sigma_max))
+    inner = [math.exp(p_mean + p_std * normal.inv_cdf(low + (high - low) * i / num_groups)) for i in range(1, num_groups)]
+    return [float(sigma_min), *inner, float(sigma_max)]
 # Written into every saved config.json so a folder loads through any of these auto classes as remote code.
 # (`save_pretrained` on its own records only the class of the object being saved.)
 AGILLM_AUTO_MAP = {
@@ -105,7 +153,8 @@ class AgillmConfig(PreTrainedConfig):
         head_bias (`bool`): bias on the head projections (AGILLM 4.x untied heads have one).
         objective_weights (`dict[str, float]`, *optional*): weight of each head's loss in the training loss
             (`forward(labels=...)` without `objective`); default 1.0 for every head.
-        label_smoothing (`float`): label smoothing of every head's cross-entropy (0 = none).
+        label_smoothing (`float` or `dict[str, float]`): label smoothing of the heads' cross-entropy (0 = none), one
+            value for all heads or one per head (AGILLM 4.x smoothed AR and SAT by 0.1, NAT not at all).
         sat_block_size (`int`): tokens a SAT step emits; the SAT mask is block-causal over blocks of this size.
         sat_gate_loss (`bool`): train the SAT stride gate on a real target: class `s - 1` where `s` is the
             number of leading SAT predictions of a block that are correct (the longest prefix safe to emit).
@@ -115,9 +164,19 @@ class AgillmConfig(PreTrainedConfig):
         nat_block_size (`int`, *optional*): `None` is AGILLM 4.x's NAT, fully bidirectional over the whole
             sequence. An integer makes NAT block-causal (each block sees earlier blocks and itself) and trains it
             the way it decodes: block by block, with an exact KV cache of finished blocks.
-        diffusion_blocks (`dict`, *optional*): the DiffusionBlocks layer-group structure and EDM noise settings
-            the model was trained with (see `AgillmForCausalLM.diffusion_blocks_loss`); the sampler reads the
-            same structure, so training and inference cannot disagree.
+        diffusion_blocks (`dict`, *optional*): DiffusionBlocks training (`None` = off; diffusion_blocks_agillm.py).
+            In training mode, `forward(labels=...)` then trains ONE layer group per step as an EDM denoiser at that
+            group's noise band, and `generate(generation_mode="diffusion_euler")` samples through the same groups.
+            Keys (missing ones get AGILLM 4.x's defaults, `DIFFUSION_BLOCKS_DEFAULTS`): `layer_groups` (`[start, end)`
+            layer ranges covering every layer in order; group i trains on the i-th lowest noise band) or `num_groups`
+            (AGILLM 4.x's uniform partition, stored as `layer_groups`); `sigma_min`, `sigma_max`, `p_mean`, `p_std`
+            (the truncated log-normal noise distribution), `sigma_bands` (derived: its equal-probability band
+            edges, written so config.json shows them), `sigma_data`, `loss_weight_max` (clamp of the EDM weight),
+            `sigma_curriculum_steps`, `sigma_stratified`; `objectives` (`{"ar": w, "sat": w}`, default: the model's
+            AR and SAT heads at 1.0); `reconstruction_weight` (EDM denoising term the Euler sampler relies on; 0 is
+            AGILLM 4.x's loss); `group_choice` (`loss_balanced`, `round_robin`, `random`) and the `choice_*`
+            parameters of the loss-balanced rule; `euler_steps_per_group`. The sampler reads the same structure, so
+            training and inference cannot disagree.
 
     Embeddings, init, generation:
         tie_word_embeddings (`bool`): the LM head (and every other head projection) shares the input
@@ -185,7 +244,7 @@ class AgillmConfig(PreTrainedConfig):
     heads: list[str] | None = None
     head_bias: bool = False
     objective_weights: dict[str, float] | None = None
-    label_smoothing: float | int = 0.0
+    label_smoothing: float | int | dict[str, float] = 0.0
     sat_block_size: int = 2
     sat_gate_loss: bool = True
     nat_mask_token_id: int = 3
@@ -222,10 +281,7 @@ class AgillmConfig(PreTrainedConfig):
             self.heads = ["ar"]
         if self.objective_weights is None:
             self.objective_weights = {head: 1.0 for head in self.heads}
-        if not self.use_qk_norm:  # the TP plan may name only modules the model has: q/k_norm come with QK-norm
-            self.base_model_tp_plan = {
-                k: v for k, v in type(self).base_model_tp_plan.items() if not k.endswith(("q_norm", "k_norm"))
-            }
+        self.base_model_tp_plan = self._tp_plan_for_modules()
         super().__post_init__(**kwargs)
         if getattr(self, "auto_map", None) is None:  # a loaded config keeps its own (it may carry a Hub repo prefix)
             self.auto_map = dict(AGILLM_AUTO_MAP)
@@ -279,6 +335,7 @@ class AgillmConfig(PreTrainedConfig):
         if self.moe_intermediate_size <= 0 or self.shared_expert_intermediate_size < 0:
             raise ValueError("moe_intermediate_size must be positive and shared_expert_intermediate_size >= 0.")
         self._check_heads()
+        self._check_diffusion_blocks()
         try:  # transformers' own check; a missing key surfaces as KeyError there
             self.validate_rope()
         except KeyError as error:
@@ -292,6 +349,140 @@ class AgillmConfig(PreTrainedConfig):
             raise ValueError(
                 f"Unknown rope_type {rope_type!r}; choose 'default' or one of {sorted(ROPE_INIT_FUNCTIONS)}."
             )
+
+    def _tp_plan_for_modules(self) -> dict[str, str]:
+        """The class TP plan restricted to modules this config builds (transformers rejects plans naming others)."""
+        absent = set()
+        if not self.use_qk_norm:
+            absent |= {"q_norm", "k_norm"}
+        if self.tie_kv:
+            absent.add("v_proj")
+        if self.num_experts:  # routed experts stay replicated; the shared expert splits like a dense MLP
+            absent |= {"gate_proj", "up_proj", "down_proj"}
+        elif self.mlp_type == "plain":
+            absent.add("gate_proj")
+        plan = {key: value for key, value in type(self).base_model_tp_plan.items() if key.split(".")[-1] not in absent}
+        if self.num_experts and self.shared_expert_intermediate_size:
+            shared = {"gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"}
+            if self.mlp_type == "plain":
+                del shared["gate_proj"]
+            plan.update({f"layers.*.mlp.shared_expert.{name}": style for name, style in shared.items()})
+        return plan
+
+    def _check_diffusion_blocks(self) -> None:
+        """Complete `diffusion_blocks` with its defaults and derived values, then validate it (idempotent).
+
+        Also called when a model is built, since `from_pretrained(..., diffusion_blocks=...)` sets the field after
+        `__post_init__` has run.
+        """
+        if self.diffusion_blocks is None:
+            return
+        if not isinstance(self.diffusion_blocks, dict):
+            raise ValueError(f"diffusion_blocks must be a dict or None, got {type(self.diffusion_blocks).__name__}.")
+        settings = {**DIFFUSION_BLOCKS_DEFAULTS, **self.diffusion_blocks}
+        known = {*DIFFUSION_BLOCKS_DEFAULTS, "layer_groups", "num_groups", "sigma_bands", "objectives"}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(f"diffusion_blocks has unknown keys {unknown}; known keys are {sorted(known)}.")
+
+        num_groups = settings.pop("num_groups", None)
+        if (num_groups is None) == (settings.get("layer_groups") is None):
+            raise ValueError("diffusion_blocks needs exactly one of layer_groups (list of [start, end) layer ranges) "
+                             "or num_groups (AGILLM 4.x's uniform partition).")
+        if num_groups is not None:
+            if not isinstance(num_groups, int) or isinstance(num_groups, bool):
+                raise ValueError(f"diffusion_blocks num_groups must be an integer, got {num_groups!r}.")
+            settings["layer_groups"] = uniform_layer_groups(self.num_hidden_layers, num_groups)
+        settings["layer_groups"] = self._checked_layer_groups(settings["layer_groups"])
+
+        for name in ("sigma_min", "sigma_max", "p_mean", "p_std", "sigma_data", "loss_weight_max",
+                     "reconstruction_weight", "choice_max_count_skew", "choice_explore", "choice_ema_decay",
+                     "choice_stale_bonus", "choice_undertrain_bonus"):
+            value = settings[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"diffusion_blocks {name} must be a finite number, got {value!r}.")
+            settings[name] = float(value)
+        for name in ("sigma_curriculum_steps", "choice_warmup_steps", "choice_max_stale_steps", "euler_steps_per_group"):
+            value = settings[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"diffusion_blocks {name} must be a non-negative integer, got {value!r}.")
+        if not 0.0 < settings["sigma_min"] < settings["sigma_max"]:
+            raise ValueError(f"diffusion_blocks needs 0 < sigma_min < sigma_max, got sigma_min={settings['sigma_min']} "
+                             f"and sigma_max={settings['sigma_max']}.")
+        for name in ("p_std", "sigma_data", "loss_weight_max"):
+            if settings[name] <= 0:
+                raise ValueError(f"diffusion_blocks {name} must be positive, got {settings[name]}.")
+        if settings["reconstruction_weight"] < 0 or not 0.0 <= settings["choice_explore"] <= 1.0:
+            raise ValueError("diffusion_blocks needs reconstruction_weight >= 0 and choice_explore in [0, 1].")
+        if not 0.0 <= settings["choice_ema_decay"] < 1.0:
+            raise ValueError(f"diffusion_blocks choice_ema_decay must lie in [0, 1), got {settings['choice_ema_decay']}.")
+        if settings["euler_steps_per_group"] < 1:
+            raise ValueError("diffusion_blocks euler_steps_per_group must be at least 1.")
+        if not isinstance(settings["sigma_stratified"], bool):
+            raise ValueError(f"diffusion_blocks sigma_stratified must be a bool, got {settings['sigma_stratified']!r}.")
+        if settings["group_choice"] not in DIFFUSION_BLOCKS_GROUP_CHOICES:
+            raise ValueError(f"diffusion_blocks group_choice must be one of {list(DIFFUSION_BLOCKS_GROUP_CHOICES)}, "
+                             f"got {settings['group_choice']!r}.")
+
+        bands = equal_mass_sigma_bands(len(settings["layer_groups"]), settings["sigma_min"], settings["sigma_max"],
+                                       settings["p_mean"], settings["p_std"])
+        stored = settings.get("sigma_bands")
+        if stored is not None and (
+            len(stored) != len(bands) or not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(stored, bands))
+        ):
+            raise ValueError(f"diffusion_blocks sigma_bands {stored} are derived from the layer groups and the sigma "
+                             f"settings ({bands}); edit those instead, and drop sigma_bands.")
+        objectives = self._checked_diffusion_objectives(settings.get("objectives"))
+        self.diffusion_blocks = {  # structure first, so config.json reads groups -> bands -> objectives -> knobs
+            "layer_groups": settings["layer_groups"],
+            "sigma_bands": bands,
+            "objectives": objectives,
+            **{name: settings[name] for name in DIFFUSION_BLOCKS_DEFAULTS},
+        }
+
+    def _checked_layer_groups(self, groups) -> list[list[int]]:
+        num_layers = self.num_hidden_layers
+        problem = None
+        if not isinstance(groups, (list, tuple)) or not groups:
+            problem = "it must be a non-empty list of [start, end) pairs"
+        else:
+            expected_start = 0
+            for group in groups:
+                if (not isinstance(group, (list, tuple)) or len(group) != 2
+                        or not all(isinstance(x, int) and not isinstance(x, bool) for x in group)):
+                    problem = f"{group!r} is not a [start, end) pair of integers"
+                elif group[0] != expected_start:
+                    problem = f"group {list(group)} starts at {group[0]}, expected {expected_start} (gap or overlap)"
+                elif group[1] <= group[0]:
+                    problem = f"group {list(group)} is empty"
+                if problem:
+                    break
+                expected_start = group[1]
+            if problem is None and expected_start != num_layers:
+                problem = f"the groups end at layer {expected_start}, expected {num_layers}"
+        if problem:
+            raise ValueError(f"diffusion_blocks layer_groups must cover layers 0..{num_layers - 1} in order, without "
+                             f"gaps or overlaps: {problem} (got {groups!r}).")
+        return [list(group) for group in groups]
+
+    def _checked_diffusion_objectives(self, objectives) -> dict[str, float]:
+        if objectives is None:  # AGILLM 4.x's default: every EDM objective the model has a head for, weight 1.0
+            return {name: 1.0 for name in DIFFUSION_BLOCKS_OBJECTIVES if name in self.heads}
+        if not isinstance(objectives, dict):
+            raise ValueError(f"diffusion_blocks objectives must be a dict {{name: weight}}, got {objectives!r}.")
+        unknown = sorted(set(objectives) - set(DIFFUSION_BLOCKS_OBJECTIVES))
+        if unknown:
+            raise ValueError(f"diffusion_blocks objectives {unknown} are not supported; choose from "
+                             f"{list(DIFFUSION_BLOCKS_OBJECTIVES)} (NAT is not trained at a noise level).")
+        missing = sorted(set(objectives) - set(self.heads))
+        if missing:
+            raise ValueError(f"diffusion_blocks objectives {missing} need heads the model lacks (heads={self.heads}).")
+        if any(isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in objectives.values()):
+            raise ValueError(f"diffusion_blocks objective weights must be numbers >= 0, got {objectives}.")
+        if not objectives.get("ar", 0) > 0:
+            raise ValueError("diffusion_blocks objectives must train 'ar' with a positive weight: the Euler sampler "
+                             f"denoises with the AR attention pattern and reads the AR head (got {objectives}).")
+        return {name: float(weight) for name, weight in objectives.items()}
 
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         if getattr(self, name) not in choices:
@@ -314,12 +505,18 @@ class AgillmConfig(PreTrainedConfig):
             raise ValueError(f"nat_block_size must be a positive integer or None, got {self.nat_block_size}.")
         if not 0 <= self.nat_mask_token_id < self.vocab_size:
             raise ValueError(f"nat_mask_token_id ({self.nat_mask_token_id}) must be a token id below vocab_size.")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}.")
+        smoothing = self.label_smoothing if isinstance(self.label_smoothing, dict) else {"all": self.label_smoothing}
+        if not all(0.0 <= value < 1.0 for value in smoothing.values()) or set(smoothing) - {"all", *AGILLM_HEADS}:
+            raise ValueError(f"label_smoothing must lie in [0, 1), per head name if a dict; got {self.label_smoothing}.")
 
     @property
     def rope_type(self) -> str:
         return self.rope_parameters["rope_type"]
+
+    def label_smoothing_for(self, head: str) -> float:
+        if isinstance(self.label_smoothing, dict):
+            return float(self.label_smoothing.get(head, 0.0))
+        return float(self.label_smoothing)
 
     @property
     def uses_alibi(self) -> bool:

@@ -46,12 +46,12 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 try:  # a saved model folder (remote code): sibling modules of the same package
     from .configuration_agillm import AgillmConfig
-    from .diffusion_blocks_agillm import diffusion_blocks_training_step, diffusion_euler_generate
-    from .generation_agillm import agillm_generate
+    from .diffusion_blocks_agillm import DiffusionBlocksState, diffusion_blocks_training_step, diffusion_euler_generate
+    from .generation_agillm import GENERATION_MODES, agillm_generate
 except ImportError:  # this repository, imported as top-level modules
     from configuration_agillm import AgillmConfig
-    from diffusion_blocks_agillm import diffusion_blocks_training_step, diffusion_euler_generate
-    from generation_agillm import agillm_generate
+    from diffusion_blocks_agillm import DiffusionBlocksState, diffusion_blocks_training_step, diffusion_euler_generate
+    from generation_agillm import GENERATION_MODES, agillm_generate
 
 
 logger = logging.get_logger(__name__)
@@ -679,6 +679,14 @@ class AgillmModel(AgillmPreTrainedModel):
             bias = self._alibi_bias(inputs_embeds, attention_mask, past_key_values, position_ids, mask_per_layer_type)
             mask_per_layer_type = {kind: add_bias_to_mask(mask, bias) for kind, mask in mask_per_layer_type.items()}
 
+        if objective != "ar":
+            if self.config._attn_implementation not in ("eager", "sdpa", "flex_attention"):
+                raise ValueError(
+                    f"objective={objective!r} attends in blocks / both ways, which needs attn_implementation 'eager', "
+                    f"'sdpa' or 'flex_attention', not {self.config._attn_implementation!r}."
+                )
+            kwargs["is_causal"] = False  # sdpa would read a skipped (None) bidirectional mask as causal
+
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
@@ -763,12 +771,25 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         # Per instance: tying and the parallel plans may only name heads this model has.
         self._tied_weights_keys = {f"{name}.weight": "model.embed_tokens.weight" for name in head_projections}
         self._tp_plan = {name: "colwise_gather_output" for name in head_projections}
+        if config.diffusion_blocks is not None:  # group-choice statistics, saved with the weights (resumes keep them)
+            self.diffusion_blocks_state = DiffusionBlocksState(config)
         self.post_init()
+
+    def _resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of=None, mean_resizing=True):
+        """transformers resizes the embedding and `lm_head`; the SAT and NAT projections follow the same vocabulary."""
+        embeddings = super()._resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        vocab_size = embeddings.weight.shape[0]
+        if "sat" in self.config.heads:
+            self.sat_head.proj = self._get_resized_lm_head(self.sat_head.proj, vocab_size, mean_resizing=mean_resizing)
+        if "nat" in self.config.heads:
+            self.nat_head = self._get_resized_lm_head(self.nat_head, vocab_size, mean_resizing=mean_resizing)
+        return embeddings
 
     @property
     def accepts_loss_kwargs(self) -> bool:
         """`Trainer` passes `num_items_in_batch` only where the loss honours it: the plain AR loss."""
-        return self._training_objectives() == ["ar"] and not self.config.label_smoothing
+        plain_ar = self._training_objectives() == ["ar"] and not self.config.label_smoothing_for("ar")
+        return plain_ar and self.config.diffusion_blocks is None  # DiffusionBlocks losses are per-batch means
 
     def _training_objectives(self) -> list[str]:
         return [name for name, weight in self.config.objective_weights.items() if weight > 0]
@@ -815,6 +836,10 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         >>> ids = tokenizer("To be, or not to be", return_tensors="pt")
         >>> tokenizer.decode(model.generate(**ids, max_new_tokens=20)[0])
         ```"""
+        if labels is not None and kwargs.get("shift_labels") is not None:
+            # Sequence-parallel training hands over next-token targets already aligned (`shift_labels[t]` is the
+            # token at t + 1); every objective then reads its targets from them, never from the unsharded `labels`.
+            labels = F.pad(kwargs["shift_labels"][:, :-1], (1, 0), value=-100)
         inputs = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -880,14 +905,17 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         )
 
     def _ar_loss(self, logits: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
-        if not self.config.label_smoothing:
+        smoothing = self.config.label_smoothing_for("ar")
+        if not smoothing:
             return self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return token_cross_entropy(logits[:, :-1], labels[:, 1:], self.config.label_smoothing)
+        if kwargs.get("shift_labels") is not None:
+            return token_cross_entropy(logits, kwargs["shift_labels"], smoothing)
+        return token_cross_entropy(logits[:, :-1], labels[:, 1:], smoothing)
 
     def _sat_loss(self, logits: torch.Tensor, gate_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Token t + b at position t; plus, with `sat_gate_loss`, the gate on the stride that was safe to emit."""
         block = self.config.sat_block_size
-        loss = token_cross_entropy(logits[:, :-block], labels[:, block:], self.config.label_smoothing)
+        loss = token_cross_entropy(logits[:, :-block], labels[:, block:], self.config.label_smoothing_for("sat"))
         if self.config.sat_gate_loss:
             loss = loss + self._sat_gate_loss(logits.detach(), gate_logits, labels)
         return loss
@@ -912,14 +940,19 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
     def _nat_noise(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hide each target with probability r ~ U(0, 1), drawn per row (per block with `nat_block_size`).
 
+        AGILLM 4.x hid each token with probability 0.5; a uniform ratio trains every masking level that decoding
+        meets, from the first pass (all hidden) to the last (a few hidden).
+
         Returns the noised ids and the NAT targets (`labels` where hidden, -100 elsewhere).
         """
         batch, seq_len = input_ids.shape
         block = self.config.nat_block_size or seq_len
         num_blocks = -(-seq_len // block)
-        ratio = torch.rand(batch, num_blocks, 1, device=input_ids.device).expand(-1, -1, block)
-        ratio = ratio.reshape(batch, -1)[:, :seq_len]
-        hidden = (torch.rand(batch, seq_len, device=input_ids.device) < ratio) & (labels != -100)
+        # Training draws fresh masks; evaluation draws the same ones every call, so held-out NAT loss is reproducible.
+        generator = None if self.training else torch.Generator(input_ids.device).manual_seed(0)
+        draw = {"device": input_ids.device, "generator": generator}
+        ratio = torch.rand(batch, num_blocks, 1, **draw).expand(-1, -1, block).reshape(batch, -1)[:, :seq_len]
+        hidden = (torch.rand(batch, seq_len, **draw) < ratio) & (labels != -100)
         noised = input_ids.masked_fill(hidden, self.config.nat_mask_token_id)
         return noised, labels.masked_fill(~hidden, -100)
 
@@ -940,7 +973,7 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         else:
             outputs = self._clean_and_noised_pass(inputs, noised, **kwargs)
             logits = self.nat_head(outputs.last_hidden_state[:, input_ids.shape[1] :])
-        return token_cross_entropy(logits, targets, self.config.label_smoothing), logits, outputs
+        return token_cross_entropy(logits, targets, self.config.label_smoothing_for("nat")), logits, outputs
 
     def _clean_and_noised_pass(self, inputs: dict, noised: torch.Tensor, **kwargs) -> BaseModelOutputWithPast:
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
@@ -993,6 +1026,11 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         """
         if generation_mode in (None, "ar"):
             return super().generate(*args, **kwargs)
+        if generation_mode not in (*GENERATION_MODES, "diffusion_euler"):
+            raise ValueError(
+                f"Unknown generation_mode {generation_mode!r}; choose 'ar', {', '.join(map(repr, GENERATION_MODES))} "
+                "or 'diffusion_euler'."
+            )
         if generation_mode == "diffusion_euler":
             return diffusion_euler_generate(self, *args, **kwargs)
         return agillm_generate(self, *args, generation_mode=generation_mode, **kwargs)

@@ -47,6 +47,8 @@ REQUIRED_FILES = (
     "generation_config.json",
     "configuration_agillm.py",
     "modeling_agillm.py",
+    "generation_agillm.py",
+    "diffusion_blocks_agillm.py",
     "processing_agillm.py",
     "README.md",
 )

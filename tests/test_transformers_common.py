@@ -38,7 +38,9 @@ ensure_transformers_tests()  # before the imports below: downloads the sdist on 
 
 from transformers_sdist_tests.generation.test_utils import GenerationTesterMixin  # noqa: E402
 from transformers_sdist_tests.test_modeling_common import (  # noqa: E402
+    TEST_EAGER_MATCHES_BATCHED_AND_GROUPED_INFERENCE_PARAMETERIZATION,
     ModelTesterMixin,
+    _test_eager_matches_batched_and_grouped_inference,
     _set_config_rope_params,
     ids_tensor,
     torch_device,
@@ -222,8 +224,26 @@ class AgillmModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCase
     def setUp(self):
         self.model_tester = AgillmModelTester(self, **self.tester_overrides)
 
+    @parameterized.expand(TEST_EAGER_MATCHES_BATCHED_AND_GROUPED_INFERENCE_PARAMETERIZATION)
+    def test_eager_matches_batched_and_grouped_inference(self, name, dtype):
+        """The mixin's test; a config without MoE layers has no experts to dispatch (the MoE classes below run it)."""
+        if not self.model_tester.get_config().num_experts:
+            self.skipTest("This config has no MoE layers; AgillmMoeModelTest and AgillmNativeLayoutModelTest run it.")
+        _test_eager_matches_batched_and_grouped_inference(self, name, dtype)
+
     def test_model(self):
         self.model_tester.create_and_check_model(*self.model_tester.prepare_config_and_inputs())
+
+    def check_training_gradient_checkpointing(self, gradient_checkpointing_kwargs=None):
+        """The mixin's check, on the AR head alone.
+
+        The mixin counts the checkpointed runs of one layer and replays the last one on backward; the multi-objective
+        loss runs every layer once per objective, so the replay would mix patterns up. tests/test_heads.py checks the
+        multi-objective loss under gradient checkpointing instead (identical gradients with and without).
+        """
+        overrides = self.model_tester.config_overrides
+        self.model_tester.config_overrides = {**overrides, "heads": ["ar"], "objective_weights": None}
+        super().check_training_gradient_checkpointing(gradient_checkpointing_kwargs)
 
     @parameterized.expand([("linear",), ("dynamic",), ("yarn",)])
     def test_model_rope_scaling_from_config(self, scaling_type):
@@ -237,6 +257,8 @@ class AgillmModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCase
         assertions are the mixin's.
         """
         config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        if config.position_embedding_type != "rope":
+            self.skipTest(f"position_embedding_type={config.position_embedding_type!r}: this config has no RoPE.")
         short_input = ids_tensor([1, 10], config.vocab_size)
         long_input = ids_tensor([1, int(config.max_position_embeddings * 1.5)], config.vocab_size)
 
@@ -283,4 +305,46 @@ class AgillmLayerOptionsModelTest(AgillmModelTest):
         "norm_type": "layer_norm",
         "attention_bias": True,
         "attention_output_bias": False,
+    }
+
+
+class AgillmMoeModelTest(AgillmModelTest):
+    """All of `ModelTesterMixin` on an MoE config with every head: gated experts (softmax top-2, renormalised) plus a
+    shared expert, standard ALiBi instead of RoPE, and the SAT and NAT heads (block NAT) beside the AR head."""
+
+    tester_overrides = {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 24,
+        "position_embedding_type": "alibi",
+        "heads": ["ar", "sat", "nat"],
+        "nat_block_size": 4,
+    }
+
+
+class AgillmNativeLayoutModelTest(AgillmModelTest):
+    """All of `ModelTesterMixin` on the AGILLM 4.x layout converted checkpoints use: LayerNorm, AGILLM's clamped ALiBi,
+    tie_kv, plain ReLU experts with biases routed top-1 straight-through plus a shared expert, untied biased heads."""
+
+    tester_overrides = {
+        "num_key_value_heads": 4,
+        "norm_type": "layer_norm",
+        "rms_norm_eps": 1e-5,
+        "position_embedding_type": "agillm_alibi",
+        "tie_kv": True,
+        "mlp_type": "plain",
+        "hidden_act": "relu",
+        "mlp_bias": True,
+        "num_experts": 4,
+        "num_experts_per_tok": 1,
+        "router_type": "top1_straight_through",
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 32,
+        "heads": ["ar", "sat", "nat"],
+        "head_bias": True,
+        "tie_word_embeddings": False,
+        "nat_block_size": None,
+        "nat_mask_token_id": 0,
+        "sat_gate_loss": False,
     }
