@@ -22,8 +22,8 @@ AGILLM_MLP_TYPES = ("gated", "plain")
 AGILLM_ROUTER_TYPES = ("softmax_topk", "top1_straight_through")
 AGILLM_HEADS = ("ar", "sat", "nat")
 # DiffusionBlocks settings (`diffusion_blocks`) and their defaults: AGILLM 4.x's `--dblock_*` defaults, except
-# `reconstruction_weight` (new; 0 is AGILLM 4.x's loss). `layer_groups` and `objectives` default per model (see
-# `_check_diffusion_blocks`); `sigma_bands` is always derived. See diffusion_blocks_agillm.py for what each one does.
+# `reconstruction_weight` and `embedding_scale` (new; 0 and None are AGILLM 4.x). `layer_groups` and `objectives`
+# default per model (see `_check_diffusion_blocks`); `sigma_bands` is always derived. See diffusion_blocks_agillm.py.
 DIFFUSION_BLOCKS_DEFAULTS = {
     "sigma_min": 0.002,
     "sigma_max": 80.0,
@@ -34,6 +34,7 @@ DIFFUSION_BLOCKS_DEFAULTS = {
     "sigma_curriculum_steps": 2000,
     "sigma_stratified": True,
     "reconstruction_weight": 1.0,
+    "embedding_scale": "sigma_data",
     "group_choice": "loss_balanced",
     "choice_warmup_steps": 16,
     "choice_max_stale_steps": 64,
@@ -174,9 +175,10 @@ class AgillmConfig(PreTrainedConfig):
             edges, written so config.json shows them), `sigma_data`, `loss_weight_max` (clamp of the EDM weight),
             `sigma_curriculum_steps`, `sigma_stratified`; `objectives` (`{"ar": w, "sat": w}`, default: the model's
             AR and SAT heads at 1.0); `reconstruction_weight` (EDM denoising term the Euler sampler relies on; 0 is
-            AGILLM 4.x's loss); `group_choice` (`loss_balanced`, `round_robin`, `random`) and the `choice_*`
-            parameters of the loss-balanced rule; `euler_steps_per_group`. The sampler reads the same structure, so
-            training and inference cannot disagree.
+            AGILLM 4.x's loss); `embedding_scale` (`"sigma_data"`: the clean data are the embeddings rescaled to RMS
+            `sigma_data`; `None`: as they are, AGILLM 4.x); `group_choice` (`loss_balanced`, `round_robin`,
+            `random`) and the `choice_*` parameters of the loss-balanced rule; `euler_steps_per_group`. The sampler
+            reads the same structure, so training and inference cannot disagree.
 
     Embeddings, init, generation:
         tie_word_embeddings (`bool`): the LM head (and every other head projection) shares the input
@@ -420,6 +422,10 @@ class AgillmConfig(PreTrainedConfig):
             raise ValueError("diffusion_blocks euler_steps_per_group must be at least 1.")
         if not isinstance(settings["sigma_stratified"], bool):
             raise ValueError(f"diffusion_blocks sigma_stratified must be a bool, got {settings['sigma_stratified']!r}.")
+        if settings["embedding_scale"] not in (None, "sigma_data"):
+            raise ValueError(
+                f"diffusion_blocks embedding_scale must be 'sigma_data' or None, got {settings['embedding_scale']!r}."
+            )
         if settings["group_choice"] not in DIFFUSION_BLOCKS_GROUP_CHOICES:
             raise ValueError(f"diffusion_blocks group_choice must be one of {list(DIFFUSION_BLOCKS_GROUP_CHOICES)}, "
                              f"got {settings['group_choice']!r}.")

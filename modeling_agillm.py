@@ -588,10 +588,10 @@ class AgillmModel(AgillmPreTrainedModel):
             "attention_mask": attention_mask,
             "past_key_values": past_key_values,
         }
-        if objective != "ar":
-            layer_types = {"full_attention"}  # the config allows SAT/NAT heads only on full-attention models
-        else:
+        if objective == "ar":
             layer_types = set(config.layer_types)
+        else:
+            layer_types = {"full_attention"}  # the config allows SAT/NAT heads only on full-attention models
         if objective == "nat" and config.nat_block_size is None:  # AGILLM 4.x NAT: every token sees every token
             no_skip = {"allow_is_bidirectional_skip": False} if config.uses_alibi and attention_mask is not None else {}
             return {"full_attention": create_bidirectional_mask(**mask_kwargs, **no_skip)}
@@ -600,10 +600,9 @@ class AgillmModel(AgillmPreTrainedModel):
             mask_kwargs["allow_is_causal_skip"] = False
         if objective != "ar":  # SAT, block NAT: tokens of one block see each other, earlier blocks causally
             block_size = config.sat_block_size if objective == "sat" else config.nat_block_size
-            key_positions = self._key_positions(
-                attention_mask, past_key_values, position_ids, inputs_embeds.shape[0], self._kv_length(
-                    inputs_embeds, attention_mask, past_key_values)
-            )
+            kv_length = self._kv_length(inputs_embeds, attention_mask, past_key_values)
+            batch_size = inputs_embeds.shape[0]
+            key_positions = self._key_positions(attention_mask, past_key_values, position_ids, batch_size, kv_length)
             mask_kwargs["block_sequence_ids"] = key_positions // block_size
         return {kind: MASK_BUILDERS[kind](**mask_kwargs) for kind in layer_types}
 
