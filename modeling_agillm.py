@@ -754,6 +754,8 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
     _fsdp_plan = {"lm_head": "keep_full_weight"}
+    # A checkpoint trained without DiffusionBlocks has no group statistics; switching the mode on starts them fresh.
+    _keys_to_ignore_on_load_missing = [r"diffusion_blocks_state\._extra_state"]
 
     def __init__(self, config: AgillmConfig):
         super().__init__(config)
