@@ -183,7 +183,7 @@ def write_report(results: dict, seconds: float, path: Path = OUTPUT) -> None:
         f"{platform.machine()}, fp32, CPU.",
         "",
         "Max abs difference between the converted model and the native AGILLM 4.x reference outputs recorded in "
-        f"`{FIXTURE_DIR}/<name>.expected.safetensors` (FORMAT.md section 7), on its `input_ids` [2, 16]. "
+        f"`../shared/agillm41/<name>.expected.safetensors` (FORMAT.md section 7), on its `input_ids` [2, 16]. "
         "`memory` is `agillm4_to_agillm(load_agillm4_checkpoint(file))`; `folder` is the folder written by "
         "`convert_agillm4`, reloaded with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`. "
         "Rows `moe_top1_expert_*` and `greedy_generated_ids` count differing entries (0 = identical). "
