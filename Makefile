@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench bench-decoding
 
 setup: .venv/.agillm-installed
 
@@ -23,3 +23,6 @@ test: setup
 
 bench: setup
 	$(PY) -m bench
+
+bench-decoding: setup
+	$(PY) -m bench decoding

@@ -62,15 +62,20 @@ def chat_section(chat: dict) -> list[str]:
 
 
 def pretrain_section(metrics: dict) -> list[str]:
+    if "held_out_losses_before" not in metrics:  # a results file from before the model had SAT and NAT heads
+        return ["## AGILLM pre-trained on Shakespeare", "", "Results file from an older version: re-run the pre-training."]
     sample = metrics["samples"][0]
     return [
         f"## AGILLM pre-trained on Shakespeare (`{pretrain_shakespeare.MODEL_FOLDER}/`, "
         f"{metrics['parameters'] / 1e6:.1f}M parameters, {metrics['train_seconds'] / 60:.0f} min on CPU)",
         "",
-        f"{metrics['steps']} steps, {metrics['tokens_seen']:,} training tokens in {metrics['train_seconds']:.0f} s "
-        f"({metrics['tokens_per_second']:,} tokens/s). Held-out perplexity "
+        f"Heads {', '.join(head.upper() for head in metrics['config']['heads'])}, loss weights "
+        f"{metrics['config']['objective_weights']}. {metrics['steps']} steps, {metrics['tokens_seen']:,} training "
+        f"tokens in {metrics['train_seconds']:.0f} s ({metrics['tokens_per_second']:,} tokens/s). Held-out AR perplexity "
         f"({', '.join(metrics['held_out_plays'])}, {metrics['eval_blocks']} blocks): "
         f"**{metrics['perplexity_before']:,.1f} before -> {metrics['perplexity_after']:,.1f} after**.",
+        "",
+        pretrain_shakespeare.evaluation_table(metrics),
         "",
         f"Sample from the saved folder, in a fresh process (its generation config: {metrics['sampling']}):",
         "",

