@@ -81,10 +81,11 @@ class Plan:
     new_tokens: int = 64
     repeats: int = 5
     warmup: int = 1
+    diagnostic_windows: int = 256  # held-out windows of `nat_block_diagnostics`
 
     @classmethod
     def quick(cls) -> "Plan":
-        return cls(prompts=2, prompt_tokens=16, new_tokens=16, repeats=1, warmup=1)
+        return cls(prompts=2, prompt_tokens=16, new_tokens=16, repeats=1, warmup=1, diagnostic_windows=8)
 
 
 # --------------------------------------------------------------------------------------------------- model and prompts
@@ -256,6 +257,41 @@ def bench(model, tokenizer, plan: Plan, decoders: list[Decoder]) -> tuple[list[d
     return rows, prompts
 
 
+@torch.inference_mode()
+def nat_block_diagnostics(model, tokenizer, windows: int, prefix_blocks: int = 7) -> dict:
+    """How NAT's first denoising step compares with AR, teacher-forced on held-out text (no decoding involved).
+
+    `windows` windows of the held-out plays, evenly spaced: `prefix_blocks` clean NAT blocks, then one block fully
+    masked, as at the start of a `nat_block` step or a staged NAT draft. Per position of that block: how often the
+    NAT argmax equals AR's argmax at the same position (AR sees the true text before it), how often each is the
+    true token, and how often the NAT confidence (max probability, mask id banned) reaches 0.5 / 0.7 / 0.9.
+    """
+    config = model.config
+    block = config.nat_block_size
+    if block is None:
+        return {}
+    length = (prefix_blocks + 1) * block
+    streams = [tokenizer(load_plays()[slug], add_special_tokens=False, verbose=False)["input_ids"] for slug in HELD_OUT_PLAYS]
+    per_play = windows // len(streams)
+    starts = [(ids, int(start)) for ids in streams for start in np.linspace(0, len(ids) - length, per_play)]
+    text = torch.tensor([ids[start : start + length] for ids, start in starts])
+    masked = text.clone()
+    masked[:, -block:] = config.nat_mask_token_id
+    ar_guess = model(input_ids=text).logits[:, -block - 1 : -1].argmax(-1)
+    nat_logits = model.nat_head(model.model(input_ids=masked, objective="nat").last_hidden_state[:, -block:]).float()
+    nat_logits[..., config.nat_mask_token_id] = -torch.inf
+    confidence, nat_guess = nat_logits.softmax(-1).max(-1)
+    truth = text[:, -block:]
+    rates = {
+        "nat_equals_ar": (nat_guess == ar_guess).float().mean(0),
+        "nat_correct": (nat_guess == truth).float().mean(0),
+        "ar_correct": (ar_guess == truth).float().mean(0),
+        **{f"nat_confidence_at_least_{t}": (confidence >= t).float().mean(0) for t in (0.5, 0.7, 0.9)},
+    }
+    return {"windows": len(starts), "prefix_tokens": prefix_blocks * block,
+            **{name: [round(v, 3) for v in values.tolist()] for name, values in rates.items()}}  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------------- targets and report
 
 
@@ -336,7 +372,32 @@ def setup_text(model_dir: str, training: dict | None, model, plan: Plan, prompts
 
 
 
-def markdown_report(rows, checks, setup_lines, prompts, quick: bool, seconds: float) -> str:
+def diagnostics_table(diagnostics: dict) -> list[str]:
+    if not diagnostics:
+        return []
+    block = len(diagnostics["nat_equals_ar"])
+    lines = [
+        f"Why (no decoding, teacher-forced): NAT's first step on {diagnostics['windows']} held-out windows, "
+        f"{diagnostics['prefix_tokens']} clean tokens then one fully masked block of {block}; per position of that "
+        "block:",
+        "",
+        "| | " + " | ".join(str(i) for i in range(block)) + " |",
+        "| --- |" + " ---: |" * block,
+    ]
+    labels = {
+        "nat_equals_ar": "NAT argmax = AR argmax",
+        "nat_correct": "NAT argmax = true token",
+        "ar_correct": "AR argmax = true token",
+        "nat_confidence_at_least_0.5": "NAT confidence >= 0.5",
+        "nat_confidence_at_least_0.7": "NAT confidence >= 0.7",
+        "nat_confidence_at_least_0.9": "NAT confidence >= 0.9",
+    }
+    for key, label in labels.items():
+        lines.append(f"| {label} | " + " | ".join(f"{100 * v:.0f}%" for v in diagnostics[key]) + " |")
+    return lines
+
+
+def markdown_report(rows, checks, diagnostics, setup_lines, prompts, quick: bool, seconds: float) -> str:
     command = "python -m bench decoding --quick" if quick else "python -m bench decoding"
     caveat = " (**quick run: reduced sizes and run counts, not reference numbers**)" if quick else ""
     lines = [
@@ -360,6 +421,8 @@ def markdown_report(rows, checks, setup_lines, prompts, quick: bool, seconds: fl
         )
     lines += ["", "Targets:"]
     lines += [f"- {'met' if c['met'] else '**not met**'}: {c['target']} ({c['value']})." for c in checks]
+    if diagnostics:
+        lines += ["", *diagnostics_table(diagnostics)]
     not_run = [row for row in rows if "not_run" in row]
     if not_run:
         lines += ["", "Not run:"] + [f"- {row['decoder']}: {row['not_run']}." for row in not_run]
@@ -405,20 +468,21 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     ensure_model(args.model)
     model = AgillmForCausalLM.from_pretrained(args.model).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)  # our own folder
     rows, prompts = bench(model, tokenizer, plan, DECODERS)
     checks = targets(rows)
+    diagnostics = nat_block_diagnostics(model, tokenizer, plan.diagnostic_windows)
     metrics_file = args.model.parent / "pretrain_metrics.json"
     training = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
     machine = machine_info(args.threads)
     model_dir = args.model.resolve()
     model_dir = str(model_dir.relative_to(REPO_ROOT) if model_dir.is_relative_to(REPO_ROOT) else model_dir)
     setup_lines = setup_text(model_dir, training, model, plan, prompts, machine)
-    report = markdown_report(rows, checks, setup_lines, prompts, args.quick, time.perf_counter() - start)
+    report = markdown_report(rows, checks, diagnostics, setup_lines, prompts, args.quick, time.perf_counter() - start)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report)
     raw = {"machine": machine, "plan": asdict(plan), "model": str(args.model), "rows": rows, "targets": checks,
-           "prompts": prompts}  # fmt: skip
+           "nat_block_diagnostics": diagnostics, "prompts": prompts}  # fmt: skip
     args.output.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
     print(report)
     print(f"Written: {args.output} and {args.output.with_suffix('.json')}")

@@ -63,7 +63,7 @@ def test_decoding_bench_runs_on_the_saved_model(short_run):
     from transformers import AutoTokenizer
 
     model = decoding.AgillmForCausalLM.from_pretrained(folder).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     plan = decoding.Plan(prompts=2, prompt_tokens=16, new_tokens=12, repeats=1, warmup=0)
     rows, prompts = decoding.bench(model, tokenizer, plan, decoding.DECODERS)
     assert [prompt["play"] for prompt in prompts] == ["hamlet", "the-tempest"]
