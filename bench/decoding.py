@@ -352,6 +352,12 @@ def setup_text(model_dir: str, training: dict | None, model, plan: Plan, prompts
             f"{training['steps']} steps, {training['tokens_seen']:,} tokens; held-out AR perplexity "
             f"**{training['perplexity_after']:.1f}**, held-out loss per head {losses}."
         )
+    if config.nat_block_size is not None:
+        lines.append(
+            "- NAT mask-predict on this block-NAT model runs its passes under the block-causal mask it was trained "
+            "with, so early passes show a block earlier blocks that are still partly hidden, which training never "
+            "does (`generation_agillm.py`); `nat_block` is the sampler this model is built for."
+        )
     per_play = {play: sum(p["play"] == play for p in prompts) for play in HELD_OUT_PLAYS}
     lines += [
         f"- Prompts: {len(prompts)} windows of {plan.prompt_tokens} tokens of the held-out plays "

@@ -5,8 +5,9 @@ Two parts, each skippable from the command line (`python -m demo --help`):
 1. `smollm2_chat`: convert the real SmolLM2-135M-Instruct into an AGILLM Hub-ready folder, then load that folder
    in a fresh Python process that cannot import this repository (`chat_in_fresh_process`) and chat with it
    through `pipeline("text-generation")`.
-2. `pretrain_shakespeare`: pre-train a small AGILLM from scratch on Shakespeare with `Trainer` + `datasets` on
-   CPU, report held-out perplexity before and after, plot the loss curve and save a Hub-ready folder.
+2. `pretrain_shakespeare`: pre-train a small AGILLM with AR, SAT and NAT heads from scratch on Shakespeare with
+   `Trainer` + `datasets` on CPU, report each head's held-out loss and the AR perplexity before and after, plot
+   the loss curves and save a Hub-ready folder (the model `python -m bench decoding` measures).
 
 Everything runs offline: the model weights and the corpus come from installed packages.
 """

@@ -41,7 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--skip-pretrain", action="store_true", help="skip the Shakespeare pre-training")
     parser.add_argument(
-        "--train-minutes", type=float, default=4.0, help="time budget of the optimizer steps (default: 4)"
+        "--train-minutes",
+        type=float,
+        default=pretrain_shakespeare.DEFAULT_TRAIN_MINUTES,
+        help=f"time budget of the optimizer steps (default: {pretrain_shakespeare.DEFAULT_TRAIN_MINUTES:g})",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
