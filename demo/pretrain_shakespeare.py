@@ -86,8 +86,9 @@ class TrainingPlan:
 
     Objective weights: light SAT and NAT weights make every head better, SAT and NAT included; the AR loss trains
     the shared trunk (and the tied projection every head uses) best. Held-out AR perplexity / SAT loss / NAT loss
-    after the same 879 steps (6 minutes, bf16) per AR / SAT / NAT weighting: 1 / 0.5 / 2: 198.5 / 5.88 / 5.75;
-    1 / 0.5 / 1: 165.8 / 5.70 / 5.65; 1 / 0.25 / 0.5: 135.5 / 5.62 / 5.58; 1 / 0.25 / 0.25: 131.8 / 5.57 / 5.57.
+    after the same 879 steps (bf16, same schedule; every weighting costs the same per step) for AR / SAT / NAT
+    weights 1 / 0.5 / 2: 198.5 / 5.88 / 5.75; 1 / 0.5 / 1: 165.8 / 5.70 / 5.65; 1 / 0.25 / 0.5: 135.5 / 5.62 /
+    5.58; 1 / 0.25 / 0.25: 131.8 / 5.57 / 5.57.
     """
 
     batch_size: int = 4
