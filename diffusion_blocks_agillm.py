@@ -250,12 +250,8 @@ def clean_embeddings(model, input_ids=None, inputs_embeds=None) -> torch.Tensor:
 
 def _layer_inputs(model, objective: str, inputs_embeds, attention_mask, position_ids):
     """Per-layer-type masks and rotary tables for `objective`, built exactly as `AgillmModel.forward` builds them."""
-    trunk, config = model.model, model.config
-    masks = trunk._objective_masks(objective, inputs_embeds, attention_mask, None, position_ids)
-    if config.uses_alibi and not (config.position_embedding_type == "agillm_alibi" and objective == "ar"):
-        bias = trunk._alibi_bias(inputs_embeds, attention_mask, None, position_ids, masks)
-        add_bias_to_mask = _modeling_module(model).add_bias_to_mask
-        masks = {kind: add_bias_to_mask(mask, bias) for kind, mask in masks.items()}
+    trunk = model.model
+    masks = trunk.attention_masks(objective, inputs_embeds, attention_mask, None, position_ids)
     return masks, trunk.rotary_emb(inputs_embeds, position_ids=position_ids)
 
 
@@ -414,7 +410,8 @@ class _EulerDenoiser:
         if use_cache:  # one mask per layer type for the longest sequence; each token reads its rows
             max_len = noise.shape[1]
             positions = torch.arange(max_len, device=noise.device)[None]
-            self.full_masks = model.model._objective_masks("ar", noise[:1], None, None, positions)
+            # (ALiBi included: its bias depends only on absolute positions, so the rows slice exactly too.)
+            self.full_masks = model.model.attention_masks("ar", noise[:1], None, None, positions)
             masks = self.full_masks.values()
             if not all(mask is None or (torch.is_tensor(mask) and mask.ndim == 4) for mask in masks):
                 raise ValueError(
@@ -428,13 +425,6 @@ class _EulerDenoiser:
         if not self.use_cache:
             return (*_layer_inputs(self.model, "ar", new_embeds, None, position_ids), position_ids)
         masks = {kind: None if mask is None else mask[..., start:end, :end] for kind, mask in self.full_masks.items()}
-        config = self.model.config
-        if config.position_embedding_type == "alibi":  # (`agillm_alibi` is zero under the causal AR mask)
-            modeling = _modeling_module(self.model)
-            slopes = modeling.alibi_slopes(config.num_attention_heads)
-            key_positions = torch.arange(end, device=new_embeds.device)[None]
-            bias = modeling.alibi_bias(slopes, position_ids, key_positions, "alibi").to(new_embeds.dtype)
-            masks = {kind: modeling.add_bias_to_mask(mask, bias) for kind, mask in masks.items()}
         position_embeddings = self.model.model.rotary_emb(new_embeds, position_ids=position_ids)
         return masks, position_embeddings, position_ids
 

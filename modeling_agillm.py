@@ -64,7 +64,7 @@ MASK_BUILDERS = {
 }
 
 
-# The attention pattern each head is trained and decoded with (see `AgillmModel._objective_masks`).
+# The attention pattern each head is trained and decoded with (see `AgillmModel.attention_masks`).
 OBJECTIVES = ("ar", "sat", "nat")
 
 
@@ -579,6 +579,20 @@ class AgillmModel(AgillmPreTrainedModel):
             positions = torch.cat([positions, positions[:, -1:] + extra], dim=-1)
         return positions[:, :kv_length]
 
+    def attention_masks(self, objective, inputs_embeds, attention_mask, past_key_values, position_ids) -> dict:
+        """The mask of every layer type for `objective`, with ALiBi folded in: what the decoder layers receive.
+
+        `generate` with a compileable cache passes the masks pre-built (a dict), which are used as they are.
+        """
+        masks = attention_mask
+        if not isinstance(masks, dict):
+            masks = self._objective_masks(objective, inputs_embeds, attention_mask, past_key_values, position_ids)
+        if self.config.uses_alibi and not (self.config.position_embedding_type == "agillm_alibi" and objective == "ar"):
+            # (AGILLM 4.x's clamped ALiBi is exactly zero on every key a causal query sees, so AR skips it.)
+            bias = self._alibi_bias(inputs_embeds, attention_mask, past_key_values, position_ids, masks)
+            masks = {kind: add_bias_to_mask(mask, bias) for kind, mask in masks.items()}
+        return masks
+
     def _objective_masks(self, objective, inputs_embeds, attention_mask, past_key_values, position_ids) -> dict:
         """One mask per layer type for the objective's attention pattern, built by `masking_utils`."""
         config = self.config
@@ -668,15 +682,9 @@ class AgillmModel(AgillmPreTrainedModel):
         elif position_ids.numel() > 0:
             self._check_last_position(position_ids.max())
 
-        # `generate` with a compileable cache passes the masks pre-built, one per layer type.
-        if not isinstance(mask_per_layer_type := attention_mask, dict):
-            mask_per_layer_type = self._objective_masks(
-                objective, inputs_embeds, attention_mask, past_key_values, position_ids
-            )
-        if self.config.uses_alibi and not (self.config.position_embedding_type == "agillm_alibi" and objective == "ar"):
-            # (AGILLM 4.x's clamped ALiBi is exactly zero on every key a causal query sees, so AR skips it.)
-            bias = self._alibi_bias(inputs_embeds, attention_mask, past_key_values, position_ids, mask_per_layer_type)
-            mask_per_layer_type = {kind: add_bias_to_mask(mask, bias) for kind, mask in mask_per_layer_type.items()}
+        mask_per_layer_type = self.attention_masks(
+            objective, inputs_embeds, attention_mask, past_key_values, position_ids
+        )
 
         if objective != "ar":
             if self.config._attn_implementation not in ("eager", "sdpa", "flex_attention"):
