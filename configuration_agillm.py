@@ -19,7 +19,10 @@ AGILLM_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention"
 AGILLM_NORM_TYPES = ("rms_norm", "layer_norm")
 AGILLM_POSITION_TYPES = ("rope", "alibi", "agillm_alibi", "none")
 AGILLM_MLP_TYPES = ("gated", "plain")
-AGILLM_ROUTER_TYPES = ("softmax_topk", "top1_straight_through")
+AGILLM_ROUTER_TYPES = ("softmax_topk", "sigmoid_group_topk", "sigmoid_top1_scaled_input", "top1_straight_through")
+AGILLM_MLP_LAYER_TYPES = ("dense", "sparse")
+AGILLM_ROUTER_SCOPES = ("token", "document")
+AGILLM_QK_NORM_TYPES = ("learned", "unweighted_post_rope")
 AGILLM_HEADS = ("ar", "sat", "nat")
 # DiffusionBlocks settings (`diffusion_blocks`) and their defaults: AGILLM 4.x's `--dblock_*` defaults, except
 # `reconstruction_weight` and `embedding_scale` (new; 0 and None are AGILLM 4.x). `layer_groups` and `objectives`
@@ -122,7 +125,29 @@ class AgillmConfig(PreTrainedConfig):
         attention_output_bias (`bool`, *optional*): bias on the output projection; `None` follows
             `attention_bias` (Llama's convention, where one flag covers all four projections).
         attention_dropout (`float`): dropout on attention probabilities while training.
-        use_qk_norm (`bool`): RMSNorm over `head_dim` on queries and keys before RoPE (Qwen3).
+        use_qk_norm (`bool`): normalise queries and keys per head over `head_dim` (see `qk_norm_type`).
+        qk_norm_type (`str`): `learned` (RMSNorm with a weight, before RoPE: Qwen3) or `unweighted_post_rope`
+            (RMS normalisation without a weight, after RoPE and on RoPE layers only: Llama 4).
+        attn_temperature_tuning (`bool`): Llama 4's query scaling on NoPE layers, `1 + attn_scale *
+            log1p(floor((position + 1) / floor_scale))`, which keeps long-context attention sharp without positions.
+        floor_scale (`int`), attn_scale (`float`): the two constants of `attn_temperature_tuning`.
+        kv_source_layers (`list[int]`, *optional*): cross-layer KV sharing. Entry i names the layer whose keys and
+            values layer i attends over; `i` itself means layer i computes its own (the default for every layer).
+            A sharing layer has no k/v projections and stores nothing in the cache; its source must be an earlier
+            layer that computes its own K/V, with the same attention type.
+
+    Multi-head latent attention (MLA, DeepSeek-V2/V3), on when `kv_lora_rank` is set:
+        kv_lora_rank (`int`, *optional*): width of the compressed key/value latent. The cache stores this latent
+            (after its norm) and the shared rotary key part, `kv_lora_rank + qk_rope_head_dim` numbers per token and
+            layer, instead of `2 * num_key_value_heads * head_dim`.
+        q_lora_rank (`int`, *optional*): width of the compressed query (`None`: a full-rank `q_proj`).
+        qk_nope_head_dim (`int`), qk_rope_head_dim (`int`), v_head_dim (`int`): per-head widths of the
+            position-free query/key part, the rotary part and the values. `head_dim` is the rotary width
+            (`qk_rope_head_dim`), as in DeepSeek-V3's config; the attention scale is `(nope + rope) ** -0.5`
+            (times YaRN's `mscale_all_dim` correction when the RoPE is YaRN).
+        mla_absorbed_decode (`bool`): when decoding against a cache, fold the key/value up-projection into the
+            query and the output (attend in the latent space: MQA with one latent head), instead of expanding every
+            cached latent to per-head K/V each step. Both give the same output; absorbed reads far less memory.
         tie_kv (`bool`): one projection serves as both key and value (AGILLM 4.x `--tie_kv`): there is no
             `v_proj`; values are the key projection before RoPE and QK-norm.
         hidden_dropout (`float`): dropout on the attention block's output (after `o_proj`) while training.
@@ -141,8 +166,35 @@ class AgillmConfig(PreTrainedConfig):
             (AGILLM 4.x top-1: the chosen expert's output is used unscaled in the forward pass, while the router
             probability carries the gradient: `y = expert(x) * p / p.detach()`).
         norm_topk_prob (`bool`): renormalise the top-k routing weights to sum to one.
+        router_type (continued): `sigmoid_group_topk` (DeepSeek-V3: sigmoid scores; experts are chosen on
+            `score + e_score_correction_bias` within the `topk_group` best of `n_group` expert groups, a group
+            scored by its two best experts; weights are the unbiased scores, renormalised when `norm_topk_prob`, times
+            `routed_scaling_factor`); `sigmoid_top1_scaled_input` (Llama 4: top-1 expert, whose input is scaled by
+            the sigmoid of its router logit).
+        n_group (`int`), topk_group (`int`): expert groups and how many of them a token may use
+            (`sigmoid_group_topk`); `n_group` must divide `num_experts`.
+        routed_scaling_factor (`float`): multiplies the routed experts' weights (`sigmoid_group_topk`).
         shared_expert_intermediate_size (`int`): hidden width of the always-on shared expert added to every
-            MoE layer's output, unweighted (several AGILLM 4.x shared experts are one wider one); 0 means none.
+            MoE layer's output (several AGILLM 4.x or DeepSeek-V3 shared experts are one wider one); 0 means none.
+        shared_expert_gate (`bool`): scale the shared expert's output by a learned per-token sigmoid gate
+            (Qwen2-MoE); `False` adds it unweighted (DeepSeek-V3, Llama 4, AGILLM 4.x).
+        mlp_layer_types (`list[str]`, *optional*): per layer, `dense` (an MLP of `intermediate_size`) or
+            `sparse` (MoE). Default: every layer sparse when `num_experts > 0`. Expresses DeepSeek-V3's dense first
+            layers (`first_k_dense_replace`), Qwen3-MoE's `mlp_only_layers` and Llama 4's interleaving.
+        router_scope (`str`): `token` (each token picks its experts) or `document` (EMO-style document routing:
+            each document first picks `experts_per_document` experts from its tokens' mean router scores, then
+            every token of it routes, by the rule above, among those experts only). Documents are delimited by the
+            attention mask (padding belongs to none) and by packed-sequence boundaries (`position_ids` restarting).
+            The choice is made from the whole document in training and from the prompt at generation time (kept in
+            the cache for the generated tokens).
+        experts_per_document (`int`, *optional*): experts a document may use (default `num_experts_per_tok`).
+        output_router_logits (`bool`): return each MoE layer's router logits, and add the auxiliary losses below to
+            the training loss (as Mixtral).
+        router_aux_loss_coef (`float`): weight of the load-balancing loss `E * sum_e f_e * P_e` (Switch/Mixtral).
+        router_z_loss_coef (`float`): weight of the router z-loss `mean(logsumexp(logits)^2)` (ST-MoE).
+        router_bias_update_rate (`float`): DeepSeek-V3's auxiliary-loss-free balancing: after each training
+            forward, `e_score_correction_bias += rate * sign(mean load - load)` per layer (0 = off). The bias only
+            steers which experts are chosen, never the weights.
         norm_type (`str`): `rms_norm` (Llama) or `layer_norm` (with bias, as GPT-style and AGILLM 4.x models).
         rms_norm_eps (`float`): epsilon of every norm (either type).
 
@@ -179,6 +231,17 @@ class AgillmConfig(PreTrainedConfig):
             `sigma_data`; `None`: as they are, AGILLM 4.x); `group_choice` (`loss_balanced`, `round_robin`,
             `random`) and the `choice_*` parameters of the loss-balanced rule; `euler_steps_per_group`. The sampler
             reads the same structure, so training and inference cannot disagree.
+
+    Multi-token prediction (DeepSeek-V3 MTP):
+        num_mtp_layers (`int`): MTP depth D. Layer k (k = 0..D-1) predicts token t + k + 2 from the previous
+            depth's hidden state and the embedding of token t + k + 1: `block(eh_proj([enorm(emb), hnorm(h)]))`,
+            then `shared_head.norm` and the shared `lm_head`. Stored after the last decoder layer as
+            `model.layers.{num_hidden_layers + k}` (DeepSeek-V3's checkpoint layout), which is what
+            `generate(use_mtp=True)` loads for lossless speculative decoding.
+        mtp_layer_types (`list[str]`, *optional*): attention type of each MTP layer (default full attention).
+        mtp_mlp_layer_types (`list[str]`, *optional*): `dense` / `sparse` per MTP layer (default: sparse for MoE
+            models, as DeepSeek-V3).
+        mtp_loss_weight (`float`): weight of the mean MTP loss over depths added to the training loss.
 
     Embeddings, init, generation:
         tie_word_embeddings (`bool`): the LM head (and every other head projection) shares the input
@@ -227,6 +290,17 @@ class AgillmConfig(PreTrainedConfig):
     attention_output_bias: bool | None = None
     attention_dropout: float | int = 0.0
     use_qk_norm: bool = False
+    qk_norm_type: str = "learned"
+    attn_temperature_tuning: bool = False
+    floor_scale: int = 8192
+    attn_scale: float = 0.1
+    kv_source_layers: list[int] | None = None
+    kv_lora_rank: int | None = None
+    q_lora_rank: int | None = None
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    mla_absorbed_decode: bool = True
     position_embedding_type: str = "rope"
     tie_kv: bool = False
     hidden_dropout: float | int = 0.0
@@ -239,7 +313,18 @@ class AgillmConfig(PreTrainedConfig):
     moe_intermediate_size: int | None = None
     router_type: str = "softmax_topk"
     norm_topk_prob: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float | int = 1.0
     shared_expert_intermediate_size: int = 0
+    shared_expert_gate: bool = False
+    mlp_layer_types: list[str] | None = None
+    router_scope: str = "token"
+    experts_per_document: int | None = None
+    output_router_logits: bool = False
+    router_aux_loss_coef: float | int = 0.001
+    router_z_loss_coef: float | int = 0.0
+    router_bias_update_rate: float | int = 0.0
     norm_type: str = "rms_norm"
     rms_norm_eps: float = 1e-6
 
@@ -253,6 +338,11 @@ class AgillmConfig(PreTrainedConfig):
     nat_block_size: int | None = 8
     diffusion_blocks: dict | None = None
 
+    num_mtp_layers: int = 0
+    mtp_layer_types: list[str] | None = None
+    mtp_mlp_layer_types: list[str] | None = None
+    mtp_loss_weight: float | int = 0.3
+
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
     use_cache: bool = True
@@ -263,6 +353,8 @@ class AgillmConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.kv_lora_rank is not None and self.head_dim is None:
+            self.head_dim = self.qk_rope_head_dim  # MLA: the rotary tables are built for the rotary part only
         if self.head_dim is None:
             if self.num_attention_heads <= 0 or self.hidden_size % self.num_attention_heads != 0:
                 raise ValueError(
@@ -279,11 +371,22 @@ class AgillmConfig(PreTrainedConfig):
             self.nope_layers = []
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
+        if self.mlp_layer_types is None:
+            self.mlp_layer_types = ["sparse" if self.num_experts else "dense"] * self.num_hidden_layers
+        if self.experts_per_document is None:
+            self.experts_per_document = self.num_experts_per_tok
+        if self.kv_source_layers is None:
+            self.kv_source_layers = list(range(self.num_hidden_layers))
+        if self.num_mtp_layers and self.mtp_layer_types is None:
+            self.mtp_layer_types = ["full_attention"] * self.num_mtp_layers
+        if self.num_mtp_layers and self.mtp_mlp_layer_types is None:
+            self.mtp_mlp_layer_types = ["sparse" if self.num_experts else "dense"] * self.num_mtp_layers
         if self.heads is None:
             self.heads = ["ar"]
         if self.objective_weights is None:
             self.objective_weights = {head: 1.0 for head in self.heads}
         self.base_model_tp_plan = self._tp_plan_for_modules()
+        self.base_model_ep_plan = self._ep_plan_for_modules()
         super().__post_init__(**kwargs)
         if getattr(self, "auto_map", None) is None:  # a loaded config keeps its own (it may carry a Hub repo prefix)
             self.auto_map = dict(AGILLM_AUTO_MAP)
@@ -336,6 +439,9 @@ class AgillmConfig(PreTrainedConfig):
                              "plain with biases as AGILLM 4.x (mlp_type='plain', mlp_bias=True).")
         if self.moe_intermediate_size <= 0 or self.shared_expert_intermediate_size < 0:
             raise ValueError("moe_intermediate_size must be positive and shared_expert_intermediate_size >= 0.")
+        self._check_moe()
+        self._check_attention_variants()
+        self._check_mtp()
         self._check_heads()
         self._check_diffusion_blocks()
         try:  # transformers' own check; a missing key surfaces as KeyError there
@@ -352,6 +458,142 @@ class AgillmConfig(PreTrainedConfig):
                 f"Unknown rope_type {rope_type!r}; choose 'default' or one of {sorted(ROPE_INIT_FUNCTIONS)}."
             )
 
+    def layer_type_at(self, layer_idx: int) -> str:
+        """Attention type of a decoder layer or, past the last one, of an MTP layer (DeepSeek-V3 numbering)."""
+        if layer_idx < self.num_hidden_layers:
+            return self.layer_types[layer_idx]
+        return self.mtp_layer_types[layer_idx - self.num_hidden_layers]
+
+    def mlp_layer_type_at(self, layer_idx: int) -> str:
+        if layer_idx < self.num_hidden_layers:
+            return self.mlp_layer_types[layer_idx]
+        return self.mtp_mlp_layer_types[layer_idx - self.num_hidden_layers]
+
+    def kv_source_of(self, layer_idx: int) -> int:
+        return self.kv_source_layers[layer_idx] if layer_idx < self.num_hidden_layers else layer_idx
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank is not None
+
+    @property
+    def has_gated_experts(self) -> bool:
+        return bool(self.num_experts) and self.mlp_type == "gated"
+
+    def _check_layer_list(self, name: str, values, length: int, choices: tuple[str, ...]) -> None:
+        if len(values) != length:
+            raise ValueError(f"{name} has {len(values)} entries, expected {length}.")
+        unknown = sorted(set(values) - set(choices))
+        if unknown:
+            raise ValueError(f"{name} has unknown entries {unknown}; choose from {list(choices)}.")
+
+    def _check_moe(self) -> None:
+        self._check_layer_list("mlp_layer_types", self.mlp_layer_types, self.num_hidden_layers, AGILLM_MLP_LAYER_TYPES)
+        if "sparse" in self.mlp_layer_types and not self.num_experts:
+            raise ValueError("mlp_layer_types has 'sparse' layers but num_experts is 0.")
+        self._check_choice("router_scope", AGILLM_ROUTER_SCOPES)
+        if not self.num_experts:
+            return
+        if self.router_type == "sigmoid_group_topk":
+            if self.n_group < 1 or self.num_experts % self.n_group:
+                raise ValueError(f"n_group ({self.n_group}) must divide num_experts ({self.num_experts}).")
+            if not 1 <= self.topk_group <= self.n_group:
+                raise ValueError(f"topk_group ({self.topk_group}) must lie in [1, n_group={self.n_group}].")
+            group_size = self.num_experts // self.n_group
+            if self.n_group > 1 and group_size < 2:
+                raise ValueError(f"sigmoid_group_topk scores a group by its two best experts; {self.n_group} groups "
+                                 f"of {self.num_experts} experts leave {group_size} per group.")
+            if self.num_experts_per_tok > self.topk_group * group_size:
+                raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts of the "
+                                 f"topk_group={self.topk_group} groups a token may use ({self.topk_group * group_size}).")
+        if self.router_type == "sigmoid_top1_scaled_input" and self.num_experts_per_tok != 1:
+            raise ValueError("router_type='sigmoid_top1_scaled_input' (Llama 4) scales the input of ONE expert; "
+                             f"num_experts_per_tok must be 1, got {self.num_experts_per_tok}.")
+        if self.router_scope == "document" and not (
+            self.num_experts_per_tok <= self.experts_per_document <= self.num_experts
+        ):
+            raise ValueError(f"experts_per_document ({self.experts_per_document}) must lie in "
+                             f"[num_experts_per_tok={self.num_experts_per_tok}, num_experts={self.num_experts}].")
+        if self.router_scope == "document" and self.router_type == "sigmoid_group_topk" and self.n_group > 1:
+            raise ValueError("router_scope='document' picks a document's experts by score; combine it with "
+                             "n_group=1 (group-limited routing would restrict the choice a second time).")
+        for name in ("routed_scaling_factor",):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.shared_expert_gate and not self.shared_expert_intermediate_size:
+            raise ValueError("shared_expert_gate needs a shared expert (shared_expert_intermediate_size > 0).")
+
+    def _check_attention_variants(self) -> None:
+        self._check_choice("qk_norm_type", AGILLM_QK_NORM_TYPES)
+        if self.attn_temperature_tuning and not (self.floor_scale > 0 and self.attn_scale >= 0):
+            raise ValueError("attn_temperature_tuning needs floor_scale > 0 and attn_scale >= 0.")
+        sources = self.kv_source_layers
+        if len(sources) != self.num_hidden_layers:
+            raise ValueError(f"kv_source_layers has {len(sources)} entries, expected {self.num_hidden_layers}.")
+        for layer, source in enumerate(sources):
+            if source == layer:
+                continue
+            if not 0 <= source < layer or sources[source] != source:
+                raise ValueError(f"kv_source_layers[{layer}] = {source}: a layer can only reuse the K/V of an earlier "
+                                 "layer that computes its own.")
+            if self.layer_types[source] != self.layer_types[layer] or (source in self.nope_layers) != (
+                layer in self.nope_layers
+            ):
+                raise ValueError(f"kv_source_layers[{layer}] = {source}: both layers need the same attention type "
+                                 "and the same RoPE/NoPE choice (the shared keys carry the source's positions).")
+        if not self.is_mla:
+            return
+        for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"MLA (kv_lora_rank set) needs a positive {name}, got {getattr(self, name)}.")
+        if self.qk_nope_head_dim < 0 or self.qk_rope_head_dim % 2 or (self.q_lora_rank is not None and self.q_lora_rank <= 0):
+            raise ValueError("MLA needs qk_nope_head_dim >= 0, an even qk_rope_head_dim and a positive q_lora_rank "
+                             "(or None).")
+        if self.head_dim != self.qk_rope_head_dim:
+            raise ValueError(f"MLA: head_dim is the rotary width and must equal qk_rope_head_dim "
+                             f"({self.qk_rope_head_dim}), got {self.head_dim}.")
+        if self.num_key_value_heads != self.num_attention_heads:
+            raise ValueError("MLA expands its latent to one key/value per query head: num_key_value_heads must "
+                             f"equal num_attention_heads ({self.num_attention_heads}).")
+        if self.tie_kv or self.use_qk_norm or self.uses_alibi or self.attn_temperature_tuning:
+            raise ValueError("MLA does not combine with tie_kv, use_qk_norm, ALiBi or attn_temperature_tuning.")
+
+    def _check_mtp(self) -> None:
+        if self.num_mtp_layers < 0 or self.mtp_loss_weight < 0:
+            raise ValueError("num_mtp_layers and mtp_loss_weight must be >= 0.")
+        if not self.num_mtp_layers:
+            return
+        self._check_layer_list("mtp_layer_types", self.mtp_layer_types, self.num_mtp_layers, AGILLM_LAYER_TYPES)
+        self._check_layer_list(
+            "mtp_mlp_layer_types", self.mtp_mlp_layer_types, self.num_mtp_layers, AGILLM_MLP_LAYER_TYPES
+        )
+        if "sparse" in self.mtp_mlp_layer_types and not self.num_experts:
+            raise ValueError("mtp_mlp_layer_types has 'sparse' layers but num_experts is 0.")
+        if self.uses_alibi:
+            raise ValueError("MTP layers run through transformers' MtpModel, which has no ALiBi: use RoPE or none.")
+
+    def get_mtp_config(self) -> "AgillmConfig":
+        """transformers' MTP config, with every per-layer list re-indexed for the MTP layers (which count from 0)."""
+        mtp_config = super().get_mtp_config()
+        mtp_config.kv_source_layers = list(range(self.num_mtp_layers))  # MTP layers compute their own K/V
+        mtp_config.nope_layers = []
+        mtp_config.diffusion_blocks = None
+        mtp_config.num_mtp_layers = 0
+        return mtp_config
+
+    def _ep_plan_for_modules(self) -> dict[str, str]:
+        """Expert parallelism (transformers' `distributed_config=DistributedConfig(enable_expert_parallel=True)`)."""
+        if not self.has_gated_experts:
+            return {}
+        return {
+            "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+            "layers.*.mlp.experts.down_proj": "grouped_gemm",
+            "layers.*.mlp.experts": "ep_dispatch_experts",
+        }
+
     def _tp_plan_for_modules(self) -> dict[str, str]:
         """The class TP plan restricted to modules this config builds (transformers rejects plans naming others)."""
         absent = set()
@@ -359,11 +601,24 @@ class AgillmConfig(PreTrainedConfig):
             absent |= {"q_norm", "k_norm"}
         if self.tie_kv:
             absent.add("v_proj")
-        if self.num_experts:  # routed experts stay replicated; the shared expert splits like a dense MLP
-            absent |= {"gate_proj", "up_proj", "down_proj"}
-        elif self.mlp_type == "plain":
-            absent.add("gate_proj")
+        absent |= {"gate_proj", "up_proj", "down_proj"}  # re-added below for the layers that have a dense MLP
+        if self.qk_norm_type != "learned":
+            absent |= {"q_norm", "k_norm"}
+        if self.is_mla:  # the latent projections stay replicated; the per-head up-projections split by head
+            absent |= {"q_proj", "k_proj", "v_proj"}
         plan = {key: value for key, value in type(self).base_model_tp_plan.items() if key.split(".")[-1] not in absent}
+        if self.is_mla:
+            plan["layers.*.self_attn.kv_b_proj"] = "colwise"
+            plan["layers.*.self_attn.q_b_proj" if self.q_lora_rank else "layers.*.self_attn.q_proj"] = "colwise"
+        if "dense" in self.mlp_layer_types:
+            dense = {"gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"}
+            if self.mlp_type == "plain":
+                del dense["gate_proj"]
+            plan.update({f"layers.*.mlp.{name}": style for name, style in dense.items()})
+        if self.has_gated_experts:  # as Qwen3-MoE / DeepSeek-V3
+            plan["layers.*.mlp.experts.gate_up_proj"] = "packed_colwise"
+            plan["layers.*.mlp.experts.down_proj"] = "rowwise"
+            plan["layers.*.mlp.experts"] = "moe_tp_experts"
         if self.num_experts and self.shared_expert_intermediate_size:
             shared = {"gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"}
             if self.mlp_type == "plain":

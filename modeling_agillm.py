@@ -225,29 +225,121 @@ class AgillmMLP(nn.Module):
 # --------------------------------------------------------------------------------------------------- MoE
 
 
-class AgillmRouter(nn.Module):
-    """Scores experts per token and picks `num_experts_per_tok` of them; returns logits, weights and indices."""
+@dataclass
+class DocumentRouting:
+    """Document-level routing state of one forward (`config.router_scope="document"`).
 
-    def __init__(self, config: AgillmConfig):
+    `document_ids` [batch, seq] numbers each row's documents (-1 = padding). A document's experts are the
+    `experts_per_document` best by its tokens' mean router score. When the tokens continue a cached sequence (decoding),
+    they belong to the cached row's last document and reuse its experts, kept in `chosen` (stored on the cache object).
+    """
+
+    document_ids: torch.Tensor
+    experts_per_document: int
+    continues_cache: bool
+    chosen: dict
+
+    @classmethod
+    def build(cls, config, attention_mask, position_ids, past_key_values, batch_size: int, seq_len: int):
+        positions = position_ids.expand(batch_size, seq_len)
+        # A document starts at the first token and wherever the positions restart (packed sequences).
+        starts = torch.ones_like(positions, dtype=torch.bool)
+        starts[:, 1:] = positions[:, 1:] <= positions[:, :-1]
+        document_ids = starts.long().cumsum(dim=1) - 1
+        if attention_mask is not None and attention_mask.dim() == 2:
+            document_ids = document_ids.masked_fill(attention_mask[:, -seq_len:] == 0, -1)
+        continues_cache = past_key_values is not None and past_key_values.get_seq_length() > 0
+        chosen = {} if past_key_values is None else past_key_values.__dict__.setdefault("agillm_document_experts", {})
+        return cls(document_ids, config.experts_per_document, continues_cache, chosen)
+
+    def allowed_experts(self, layer_idx: int, scores: torch.Tensor) -> torch.Tensor:
+        """`[tokens, experts]` mask of the experts each token may use, from the `[tokens, experts]` router scores."""
+        batch, seq_len = self.document_ids.shape
+        if self.continues_cache:
+            if layer_idx not in self.chosen:
+                raise ValueError("Document routing continues a cache whose prompt was not routed by document.")
+            return self.chosen[layer_idx][:, None, :].expand(batch, seq_len, -1).reshape(batch * seq_len, -1)
+        num_experts = scores.shape[-1]
+        valid = self.document_ids >= 0
+        index = self.document_ids.clamp(min=0)[..., None].expand(batch, seq_len, num_experts)
+        token_scores = scores.detach().view(batch, seq_len, num_experts) * valid[..., None]
+        pooled = torch.zeros_like(token_scores).scatter_add_(1, index, token_scores)  # [batch, documents, experts]
+        top = pooled.topk(self.experts_per_document, dim=-1).indices
+        document_mask = torch.zeros_like(pooled, dtype=torch.bool).scatter_(-1, top, True)
+        allowed = document_mask.gather(1, index)  # padding rows get document 0's experts; their outputs are unused
+        self.chosen[layer_idx] = allowed[:, -1]  # the row's last document, continued by generated tokens
+        return allowed.reshape(batch * seq_len, num_experts)
+
+
+class AgillmRouter(nn.Module):
+    """Scores experts per token and picks `num_experts_per_tok` of them by `config.router_type`.
+
+    Returns the raw router logits, the routing weights and the chosen expert indices.
+    """
+
+    def __init__(self, config: AgillmConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.top_k = config.num_experts_per_tok
         self.router_type = config.router_type
         self.norm_topk_prob = config.norm_topk_prob
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+        # DeepSeek-V3's balancing bias: it steers which experts are chosen, never their weights.
+        has_bias = config.router_type == "sigmoid_group_topk" or config.router_bias_update_rate > 0
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts) if has_bias else None)
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        router_logits = F.linear(hidden_states, self.weight).float()  # [tokens, experts], routing in fp32
-        probs = router_logits.softmax(dim=-1)
-        top_probs, top_index = torch.topk(probs, self.top_k, dim=-1)  # ties go to the lower index, as argmax
+    def scores(self, router_logits: torch.Tensor) -> torch.Tensor:
+        """Per-expert affinities: sigmoid for the sigmoid routers, softmax otherwise."""
+        if self.router_type.startswith("sigmoid"):
+            return router_logits.sigmoid()
+        return router_logits.softmax(dim=-1)
+
+    def forward(
+        self, hidden_states: torch.Tensor, document_routing: DocumentRouting | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.router_type == "sigmoid_group_topk":  # DeepSeek-V3 routes from fp32 inputs
+            router_logits = F.linear(hidden_states.float(), self.weight.float())
+        else:
+            router_logits = F.linear(hidden_states, self.weight).float()  # [tokens, experts], routing in fp32
+        scores = self.scores(router_logits)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if document_routing is not None:
+            allowed = document_routing.allowed_experts(self.layer_idx, scores)
+            choice = choice.masked_fill(~allowed, float("-inf"))
+        if self.n_group > 1:
+            choice = self._keep_top_groups(choice)
+        top_choice, top_index = torch.topk(choice, self.top_k, dim=-1)  # ties go to the lower index, as argmax
+        top_scores = top_choice if choice is scores else scores.gather(-1, top_index)  # weights never see the bias
+        top_weights = self._routing_weights(top_scores)
+        return router_logits, top_weights.to(hidden_states.dtype), top_index
+
+    def _keep_top_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3: score each expert group by its two best experts, keep the `topk_group` best groups."""
+        grouped = choice.view(choice.shape[0], self.n_group, -1)
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        top_groups = group_scores.topk(self.topk_group, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
+        return grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
+
+    def _routing_weights(self, top_scores: torch.Tensor) -> torch.Tensor:
         if self.router_type == "top1_straight_through":
             # Forward value exactly 1.0 (x / x), gradient d(p)/p: the expert output is not scaled by p.
-            top_probs = top_probs.clamp(min=1e-6)
-            top_weights = top_probs / top_probs.detach()
-        elif self.norm_topk_prob:
-            top_weights = top_probs / top_probs.sum(dim=-1, keepdim=True)
-        else:
-            top_weights = top_probs
-        return router_logits, top_weights.to(hidden_states.dtype), top_index
+            top_scores = top_scores.clamp(min=1e-6)
+            return top_scores / top_scores.detach()
+        if self.router_type == "sigmoid_top1_scaled_input":  # applied to the expert's input (AgillmSparseMoeBlock)
+            return top_scores
+        if self.norm_topk_prob:
+            denominator = top_scores.sum(dim=-1, keepdim=True)
+            top_scores = top_scores / (denominator + 1e-20 if self.router_type == "sigmoid_group_topk" else denominator)
+        return top_scores * self.routed_scaling_factor if self.routed_scaling_factor != 1.0 else top_scores
+
+    @torch.no_grad()
+    def update_bias(self, top_index: torch.Tensor, rate: float) -> None:
+        """DeepSeek-V3's auxiliary-loss-free balancing step: raise the bias of under-loaded experts, lower the rest."""
+        load = torch.bincount(top_index.flatten(), minlength=self.weight.shape[0]).float()
+        self.e_score_correction_bias += rate * torch.sign(load.mean() - load)
 
 
 def _experts_forward(experts: nn.Module, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
@@ -315,23 +407,31 @@ class AgillmPlainExperts(nn.Module):
 
 
 class AgillmSparseMoeBlock(nn.Module):
-    """Routed experts plus an optional always-on shared expert (added unweighted)."""
+    """Routed experts plus an optional shared expert (always on; gated per token when `shared_expert_gate`)."""
 
-    def __init__(self, config: AgillmConfig):
+    def __init__(self, config: AgillmConfig, layer_idx: int):
         super().__init__()
-        self.gate = AgillmRouter(config)
+        self.gate = AgillmRouter(config, layer_idx)
         self.experts = AgillmExperts(config) if config.mlp_type == "gated" else AgillmPlainExperts(config)
+        self.scales_input = config.router_type == "sigmoid_top1_scaled_input"
         self.shared_expert = None
         if config.shared_expert_intermediate_size:
             self.shared_expert = AgillmMLP(config, config.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, document_routing: DocumentRouting | None = None) -> torch.Tensor:
         batch, seq_len, hidden = hidden_states.shape
         flat = hidden_states.reshape(-1, hidden)
-        _, top_k_weights, top_k_index = self.gate(flat)
-        output = self.experts(flat, top_k_index, top_k_weights)
+        _, top_k_weights, top_k_index = self.gate(flat, document_routing)
+        if self.scales_input:  # Llama 4: the expert sees its input scaled by the router score; its output is not
+            output = self.experts(flat * top_k_weights, top_k_index, torch.ones_like(top_k_weights))
+        else:
+            output = self.experts(flat, top_k_index, top_k_weights)
         if self.shared_expert is not None:
-            output = output + self.shared_expert(flat)
+            shared = self.shared_expert(flat)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            output = output + shared
         return output.reshape(batch, seq_len, hidden)
 
 
@@ -369,15 +469,32 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama 4's query/key norm: RMS normalisation without a weight, computed in fp32."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+def nope_temperature(position_ids: torch.Tensor, floor_scale: int, attn_scale: float) -> torch.Tensor:
+    """Llama 4's query scale on NoPE layers, `[batch, seq]`: grows with log(position) so long contexts stay sharp."""
+    return torch.log1p(torch.floor((position_ids.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+
+
+def _stores_shared_kv(config: AgillmConfig, layer_idx: int) -> bool:
+    """Whether a later layer reads this layer's keys and values (`config.kv_source_layers`)."""
+    return layer_idx < config.num_hidden_layers and config.kv_source_layers.count(layer_idx) > 1
+
+
 @use_kernelized_func(apply_rotary_pos_emb)
 class AgillmAttention(nn.Module):
-    """MHA/GQA/MQA self-attention with optional QK-norm, RoPE (unless a NoPE layer) and a per-layer window."""
+    """MHA/GQA/MQA self-attention with optional QK-norm, RoPE (unless a NoPE layer), a per-layer window, and
+    cross-layer KV sharing (a sharing layer attends over an earlier layer's keys and values)."""
 
     def __init__(self, config: AgillmConfig, layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.layer_type = config.layer_types[layer_idx]
+        self.layer_type = config.layer_type_at(layer_idx)
         self.head_dim = config.head_dim
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
@@ -385,19 +502,26 @@ class AgillmAttention(nn.Module):
         self.is_causal = True  # read by the sdpa/flash backends when no mask is given; masks carry SAT/NAT patterns
         self.use_rope = config.uses_rope and layer_idx not in config.nope_layers
         self.tie_kv = config.tie_kv
+        self.qk_norm = config.qk_norm_type if config.use_qk_norm else None
+        self.tunes_temperature = config.attn_temperature_tuning and not self.use_rope
+        self.kv_source = config.kv_source_of(layer_idx)
+        self.is_kv_shared = self.kv_source != layer_idx
+        self.stores_shared_kv = _stores_shared_kv(config, layer_idx)
         # Flash attention reads the window from here; the other backends get it through the sliding mask.
         self.sliding_window = config.sliding_window if self.layer_type == "sliding_attention" else None
 
         q_width = config.num_attention_heads * self.head_dim
         kv_width = config.num_key_value_heads * self.head_dim
         self.q_proj = nn.Linear(config.hidden_size, q_width, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
-        if not config.tie_kv:  # with tie_kv the key projection also gives the values
-            self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
+        if not self.is_kv_shared:
+            self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
+            if not config.tie_kv:  # with tie_kv the key projection also gives the values
+                self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_width, config.hidden_size, bias=config.attention_output_bias)
-        if config.use_qk_norm:  # per head, over head_dim, before RoPE (Qwen3)
+        if self.qk_norm == "learned":  # per head, over head_dim, before RoPE (Qwen3)
             self.q_norm = build_norm(config, self.head_dim)
-            self.k_norm = build_norm(config, self.head_dim)
+            if not self.is_kv_shared:
+                self.k_norm = build_norm(config, self.head_dim)
 
     def forward(
         self,
@@ -405,26 +529,49 @@ class AgillmAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None = None,
+        position_ids: torch.LongTensor | None = None,
+        shared_kv_states: dict | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
 
         query_states = self.q_proj(hidden_states).view(hidden_shape)
-        key_states = self.k_proj(hidden_states).view(hidden_shape)
-        # tie_kv: values are the key projection itself (before QK-norm and RoPE, which only shape the scores).
-        value_states = key_states if self.tie_kv else self.v_proj(hidden_states).view(hidden_shape)
-        value_states = value_states.transpose(1, 2)
-        if self.config.use_qk_norm:
-            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
-        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
+        if self.is_kv_shared:  # the source layer ran earlier in this forward and left its full K/V here
+            key_states, value_states = shared_kv_states[self.kv_source]
+        else:
+            key_states = self.k_proj(hidden_states).view(hidden_shape)
+            # tie_kv: values are the key projection itself (before QK-norm and RoPE, which only shape the scores).
+            value_states = key_states if self.tie_kv else self.v_proj(hidden_states).view(hidden_shape)
+            value_states = value_states.transpose(1, 2)
+        if self.qk_norm == "learned":
+            query_states = self.q_norm(query_states)
+            if not self.is_kv_shared:
+                key_states = self.k_norm(key_states)
+        query_states = query_states.transpose(1, 2)
+        new_keys = not self.is_kv_shared
+        if new_keys:
+            key_states = key_states.transpose(1, 2)
 
         if self.use_rope:
             cos, sin = position_embeddings
-            query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+            if new_keys:
+                query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+            else:
+                query_states = query_states * cos.unsqueeze(1) + rotate_half(query_states) * sin.unsqueeze(1)
+            if self.qk_norm == "unweighted_post_rope":  # Llama 4: after RoPE, on RoPE layers only
+                query_states = unweighted_rms_norm(query_states, self.config.rms_norm_eps)
+                if new_keys:
+                    key_states = unweighted_rms_norm(key_states, self.config.rms_norm_eps)
+        if self.tunes_temperature:
+            scale = nope_temperature(position_ids, self.config.floor_scale, self.config.attn_scale)
+            query_states = (query_states * scale[:, None, :, None]).to(query_states.dtype)
 
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if new_keys:
+            if past_key_values is not None:
+                key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+            if self.stores_shared_kv:
+                shared_kv_states[self.layer_idx] = key_states, value_states
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -444,17 +591,163 @@ class AgillmAttention(nn.Module):
         return self.o_proj(attn_output), attn_weights
 
 
+# DeepSeek-V2/V3 fix the epsilon of the latent norms, whatever `rms_norm_eps` is.
+MLA_LATENT_NORM_EPS = 1e-6
+
+
+def mla_attention_scale(config: AgillmConfig) -> float:
+    """`(nope + rope) ** -0.5`, times DeepSeek's YaRN correction `mscale**2` when `mscale_all_dim` is set."""
+    scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+    rope = config.rope_parameters
+    if rope.get("rope_type", "default") != "default" and rope.get("mscale_all_dim"):
+        mscale = 0.1 * rope["mscale_all_dim"] * math.log(rope["factor"]) + 1.0 if rope["factor"] > 1 else 1.0
+        scale = scale * mscale * mscale
+    return scale
+
+
+class AgillmMLAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3).
+
+    Keys and values come from one compressed latent `c` (`kv_lora_rank` wide, normed) per token plus one rotary key
+    part shared by all heads; the cache stores exactly those two. Attention either expands the cached latents to
+    per-head keys/values (`kv_b_proj`), or, when decoding against a cache (`mla_absorbed_decode`), absorbs
+    `kv_b_proj` into the query and the output: `q_nope . (W_uk c) = (W_uk^T q_nope) . c`, so all heads attend over
+    the latents directly (multi-query attention with one `kv_lora_rank + rope`-wide head) and `W_uv` is applied once
+    to the attended latent. The two paths are the same function; the absorbed one never materialises per-head K/V.
+    """
+
+    def __init__(self, config: AgillmConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.layer_type = config.layer_type_at(layer_idx)
+        self.num_heads = config.num_attention_heads
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_head_dim, self.kv_lora_rank = config.v_head_dim, config.kv_lora_rank
+        self.qk_head_dim = self.nope_dim + self.rope_dim
+        self.num_key_value_groups = 1  # set per call: 1 for expanded K/V, num_heads for the shared latent head
+        self.scaling = mla_attention_scale(config)
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.use_rope = config.uses_rope and layer_idx not in config.nope_layers
+        self.kv_source = config.kv_source_of(layer_idx)
+        self.is_kv_shared = self.kv_source != layer_idx  # reuses the source's cached latent, with its own kv_b_proj
+        self.stores_shared_kv = _stores_shared_kv(config, layer_idx)
+        self.sliding_window = config.sliding_window if self.layer_type == "sliding_attention" else None
+
+        hidden, heads = config.hidden_size, self.num_heads
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, config.q_lora_rank, bias=config.attention_bias)
+            self.q_a_layernorm = AgillmRMSNorm(config.q_lora_rank, eps=MLA_LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, heads * self.qk_head_dim, bias=False)
+        if not self.is_kv_shared:
+            self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=config.attention_bias)
+            self.kv_a_layernorm = AgillmRMSNorm(self.kv_lora_rank, eps=MLA_LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, heads * (self.nope_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(heads * self.v_head_dim, hidden, bias=config.attention_output_bias)
+
+    def _rotate(self, x: torch.Tensor, position_embeddings) -> torch.Tensor:
+        if not self.use_rope:
+            return x
+        cos, sin = position_embeddings
+        return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+    def _latents(self, hidden_states, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached pair: normed latent `[B, 1, S, kv_lora_rank]` and rotated shared key `[B, 1, S, rope]`."""
+        batch, seq_len = hidden_states.shape[:2]
+        latent, key_rot = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent).view(batch, 1, seq_len, self.kv_lora_rank)
+        key_rot = self._rotate(key_rot.view(batch, 1, seq_len, self.rope_dim), position_embeddings)
+        return latent, key_rot
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        shared_kv_states: dict | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, seq_len = hidden_states.shape[:2]
+        if self.config.q_lora_rank is None:
+            query = self.q_proj(hidden_states)
+        else:
+            query = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        query = query.view(batch, seq_len, self.num_heads, self.qk_head_dim).transpose(1, 2)
+        query_nope, query_rot = query.split([self.nope_dim, self.rope_dim], dim=-1)
+        query_rot = self._rotate(query_rot, position_embeddings)
+
+        if self.is_kv_shared:
+            latent, key_rot = shared_kv_states[self.kv_source]
+        else:
+            latent, key_rot = self._latents(hidden_states, position_embeddings)
+            if past_key_values is not None:
+                latent, key_rot = past_key_values.update(latent, key_rot, self.layer_idx)
+            if self.stores_shared_kv:
+                shared_kv_states[self.layer_idx] = latent, key_rot
+
+        decoding = past_key_values is not None and latent.shape[2] > seq_len
+        if decoding and self.config.mla_absorbed_decode and not self.training:
+            attn_output, attn_weights = self._absorbed(query_nope, query_rot, latent, key_rot, attention_mask, **kwargs)
+        else:
+            attn_output, attn_weights = self._expanded(query_nope, query_rot, latent, key_rot, attention_mask, **kwargs)
+        return self.o_proj(attn_output.reshape(batch, seq_len, -1).contiguous()), attn_weights
+
+    def _attend(self, query, key, value, attention_mask, num_key_value_groups: int, **kwargs):
+        self.num_key_value_groups = num_key_value_groups  # read by the attention backends to repeat K/V heads
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        return attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+
+    def _expanded(self, query_nope, query_rot, latent, key_rot, attention_mask, **kwargs):
+        """Per-head keys `[k_nope ; k_rot]` and values from every cached latent (training and prefill)."""
+        batch, _, kv_len, _ = latent.shape
+        key_value = self.kv_b_proj(latent.squeeze(1)).view(batch, kv_len, self.num_heads, -1).transpose(1, 2)
+        key_nope, value = key_value.split([self.nope_dim, self.v_head_dim], dim=-1)
+        key = torch.cat([key_nope, key_rot.expand(-1, self.num_heads, -1, -1)], dim=-1)
+        query = torch.cat([query_nope, query_rot], dim=-1)
+        return self._attend(query, key, value, attention_mask, num_key_value_groups=1, **kwargs)
+
+    def _absorbed(self, query_nope, query_rot, latent, key_rot, attention_mask, **kwargs):
+        """Attend in the latent space: one shared `[c ; k_rot]` key head and `c` value head for all query heads."""
+        weight = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_head_dim, self.kv_lora_rank)
+        up_key, up_value = weight.split([self.nope_dim, self.v_head_dim], dim=1)
+        query_latent = torch.einsum("bhsn,hnr->bhsr", query_nope, up_key)
+        query = torch.cat([query_latent, query_rot], dim=-1)
+        key = torch.cat([latent, key_rot], dim=-1)
+        latent_output, attn_weights = self._attend(
+            query, key, latent, attention_mask, num_key_value_groups=self.num_heads, **kwargs
+        )  # [B, S, heads, kv_lora_rank]
+        return torch.einsum("bshr,hvr->bshv", latent_output, up_value), attn_weights
+
+
 # --------------------------------------------------------------------------------------------------- layers
 
 
 class AgillmDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))` (dense MLP or MoE)."""
+    """Pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))` (dense MLP or MoE, per `mlp_layer_types`)."""
 
     def __init__(self, config: AgillmConfig, layer_idx: int):
         super().__init__()
-        self.attention_type = config.layer_types[layer_idx]
-        self.self_attn = AgillmAttention(config=config, layer_idx=layer_idx)
-        self.mlp = AgillmSparseMoeBlock(config) if config.num_experts else AgillmMLP(config)
+        self.attention_type = config.layer_type_at(layer_idx)
+        attention_class = AgillmMLAttention if config.is_mla else AgillmAttention
+        self.self_attn = attention_class(config=config, layer_idx=layer_idx)
+        self.is_sparse = config.mlp_layer_type_at(layer_idx) == "sparse"
+        self.mlp = AgillmSparseMoeBlock(config, layer_idx) if self.is_sparse else AgillmMLP(config)
         self.hidden_dropout = nn.Dropout(config.hidden_dropout)  # AGILLM 4.x: on the attention output only
         self.input_layernorm = build_norm(config, config.hidden_size)
         self.post_attention_layernorm = build_norm(config, config.hidden_size)
@@ -467,6 +760,7 @@ class AgillmDecoderLayer(GradientCheckpointingLayer):
         past_key_values: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        document_routing: DocumentRouting | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         residual = hidden_states
@@ -481,8 +775,35 @@ class AgillmDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = residual + self.hidden_dropout(hidden_states)
         residual = hidden_states
-        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states, document_routing) if self.is_sparse else self.mlp(hidden_states)
         return residual + hidden_states
+
+
+class AgillmMTPLayer(AgillmDecoderLayer):
+    """A DeepSeek-V3 multi-token-prediction module: a decoder block fed `eh_proj([enorm(emb(t+k+1)) ; hnorm(h_t)])`.
+
+    It sits in `model.layers` after the last decoder layer, so checkpoints have DeepSeek-V3's layout
+    (`model.layers.{num_hidden_layers + k}.{enorm,hnorm,eh_proj,shared_head.norm,self_attn,mlp,...}`), which
+    transformers' `MtpModel` loads for `generate(use_mtp=True)`. `MtpModel` builds its blocks as
+    `type(model.layers[-1])(mtp_config, k)` and adds its own enorm/hnorm/eh_proj/post_norm, so with an MTP config's
+    index (below `num_hidden_layers`) this class is a plain decoder block.
+    """
+
+    def __init__(self, config: AgillmConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.is_mtp_module = layer_idx >= config.num_hidden_layers
+        if self.is_mtp_module:
+            self.enorm = build_norm(config, config.hidden_size)
+            self.hnorm = build_norm(config, config.hidden_size)
+            self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+            self.shared_head = nn.Module()  # DeepSeek-V3 keeps the output norm under `shared_head`
+            self.shared_head.norm = build_norm(config, config.hidden_size)
+
+    def predict(self, inputs_embeds: torch.Tensor, previous_hidden: torch.Tensor, **block_kwargs) -> torch.Tensor:
+        """This depth's normed hidden state (fed to `lm_head` and to the next depth), as transformers' `MtpLayer`."""
+        hidden_states = self.eh_proj(torch.cat([self.enorm(inputs_embeds), self.hnorm(previous_hidden)], dim=-1))
+        return self.shared_head.norm(self(hidden_states, **block_kwargs))
 
 
 # --------------------------------------------------------------------------------------------------- models
@@ -493,7 +814,8 @@ class AgillmPreTrainedModel(PreTrainedModel):
     config: AgillmConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["AgillmDecoderLayer"]
+    _no_split_modules = ["AgillmDecoderLayer", "AgillmMTPLayer"]
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]  # the balancing bias decides choices by small margins
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -502,8 +824,9 @@ class AgillmPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_record_outputs = {
         "hidden_states": AgillmDecoderLayer,
-        "attentions": AgillmAttention,
+        "attentions": [OutputRecorder(AgillmAttention, index=1), OutputRecorder(AgillmMLAttention, index=1)],
         "router_logits": OutputRecorder(AgillmRouter, index=0),
+        "router_indices": OutputRecorder(AgillmRouter, index=2),  # the chosen experts, for the balancing losses
     }
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -511,12 +834,19 @@ class AgillmPreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, AgillmRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+            if module.e_score_correction_bias is not None:
+                init.zeros_(module.e_score_correction_bias)
         elif isinstance(module, (AgillmExperts, AgillmPlainExperts)):
             for name, parameter in module.named_parameters(recurse=False):
                 if name.endswith("_bias"):
                     init.zeros_(parameter)
                 else:
                     init.normal_(parameter, mean=0.0, std=std)
+
+
+def mtp_checkpoint_patterns(config: AgillmConfig, prefix: str) -> list[str]:
+    """Checkpoint keys of the MTP modules (`layers.{num_hidden_layers + k}.`), for `_keys_to_ignore_on_load_unexpected`."""
+    return [rf"{prefix}layers\.{config.num_hidden_layers + k}\." for k in range(config.num_mtp_layers)]
 
 
 @auto_docstring
@@ -531,6 +861,8 @@ class AgillmModel(AgillmPreTrainedModel):
         self.layers = nn.ModuleList(
             [AgillmDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
+        if config.num_mtp_layers:  # only AgillmForCausalLM builds (and trains) the MTP modules; elsewhere they are unused
+            self._keys_to_ignore_on_load_unexpected = mtp_checkpoint_patterns(config, prefix="")
         self.norm = build_norm(config, config.hidden_size)
         self.rotary_emb = AgillmRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
@@ -694,6 +1026,14 @@ class AgillmModel(AgillmPreTrainedModel):
                 )
             kwargs["is_causal"] = False  # sdpa would read a skipped (None) bidirectional mask as causal
 
+        document_routing = None
+        if self.config.num_experts and self.config.router_scope == "document":
+            document_routing = DocumentRouting.build(
+                self.config, attention_mask, position_ids, past_key_values, *inputs_embeds.shape[:2]
+            )
+        if self.config.kv_source_layers != list(range(self.config.num_hidden_layers)):
+            kwargs["shared_kv_states"] = {}  # source layer index -> its (cached) K/V, read by the sharing layers
+
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
@@ -704,6 +1044,7 @@ class AgillmModel(AgillmPreTrainedModel):
                 position_ids=position_ids,
                 past_key_values=past_key_values,
                 use_cache=use_cache,
+                document_routing=document_routing,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
@@ -721,11 +1062,46 @@ class AgillmCausalLMOutputWithPast(CausalLMOutputWithPast):
         stride-gate logits at every position (class `s - 1` = emit `s` tokens); read at a block's first position.
     router_logits (`tuple[torch.FloatTensor]`, *optional*): per MoE layer, router logits `[tokens, experts]`
         (with `output_router_logits=True`).
+    aux_loss (`torch.FloatTensor`, *optional*): the weighted router losses (load balancing + z-loss) included in
+        `loss` (with `output_router_logits=True`).
     """
 
     objective_losses: dict[str, torch.FloatTensor] | None = None
     gate_logits: torch.FloatTensor | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
+    aux_loss: torch.FloatTensor | None = None
+
+
+def router_losses(
+    router_logits: tuple[torch.Tensor, ...],
+    router_indices: tuple[torch.Tensor, ...],
+    num_experts: int,
+    sigmoid_scores: bool,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load-balancing loss `E * sum_e f_e * P_e` (Switch/Mixtral) and z-loss `mean(logsumexp(logits)^2)` (ST-MoE).
+
+    `f_e` is the fraction of tokens routed to expert e (per top-k slot, summed over slots, as Mixtral's
+    `load_balancing_loss_func`), `P_e` the mean routing probability (sigmoid scores are normalised per token, as
+    DeepSeek-V3's balance loss). The chosen experts are the ones the routers actually picked, so document routing
+    and biased (DeepSeek-V3) choices are counted as they happened. Padding tokens are left out.
+    """
+    logits = torch.cat(router_logits, dim=0)
+    chosen = F.one_hot(torch.cat(router_indices, dim=0), num_experts).float()  # [layers * tokens, k, E]
+    probs = logits.sigmoid() if sigmoid_scores else logits.softmax(dim=-1)
+    if sigmoid_scores:
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    if attention_mask is None:
+        weights = torch.ones(logits.shape[0], device=logits.device)
+    else:
+        tokens = router_logits[0].shape[0]
+        weights = attention_mask[:, -tokens // attention_mask.shape[0]:].reshape(-1).float().repeat(len(router_logits))
+    total = weights.sum().clamp(min=1.0)
+    tokens_per_expert = (chosen * weights[:, None, None]).sum(dim=0) / total
+    prob_per_expert = (probs * weights[:, None]).sum(dim=0) / total
+    balance = num_experts * (tokens_per_expert * prob_per_expert[None]).sum()
+    z_loss = (torch.logsumexp(logits, dim=-1).pow(2) * weights).sum() / total
+    return balance, z_loss
 
 
 class AgillmSATHead(nn.Module):
@@ -782,6 +1158,13 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         self._tp_plan = {name: "colwise_gather_output" for name in head_projections}
         if config.diffusion_blocks is not None:  # group-choice statistics, saved with the weights (resumes keep them)
             self.diffusion_blocks_state = DiffusionBlocksState(config)
+        if config.num_mtp_layers:
+            # DeepSeek-V3 layout: the MTP modules follow the decoder layers in `model.layers` (the trunk's forward
+            # runs only the first `num_hidden_layers`). transformers' MtpModel finds their weights in a checkpoint
+            # through these patterns.
+            first = config.num_hidden_layers
+            self.model.layers.extend(AgillmMTPLayer(config, first + k) for k in range(config.num_mtp_layers))
+            self._keys_to_ignore_on_load_unexpected = mtp_checkpoint_patterns(config, prefix="model\\.")
         self.post_init()
 
     def _resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of=None, mean_resizing=True):
@@ -798,7 +1181,9 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
     def accepts_loss_kwargs(self) -> bool:
         """`Trainer` passes `num_items_in_batch` only where the loss honours it: the plain AR loss."""
         plain_ar = self._training_objectives() == ["ar"] and not self.config.label_smoothing_for("ar")
-        return plain_ar and self.config.diffusion_blocks is None  # DiffusionBlocks losses are per-batch means
+        extra_losses = self.config.num_mtp_layers or (self.config.num_experts and self.config.output_router_logits)
+        # DiffusionBlocks, MTP and router losses are per-batch means
+        return plain_ar and self.config.diffusion_blocks is None and not extra_losses
 
     def _training_objectives(self) -> list[str]:
         return [name for name, weight in self.config.objective_weights.items() if weight > 0]
@@ -868,6 +1253,12 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
                 attentions=outputs.attentions, router_logits=outputs.get("router_logits"),
             )
 
+        wants_aux_loss = bool(self.config.num_experts) and kwargs.get(
+            "output_router_logits", self.config.output_router_logits
+        )
+        updates_router_bias = self.training and self.config.num_experts and self.config.router_bias_update_rate > 0
+        if wants_aux_loss or updates_router_bias:
+            kwargs["output_router_indices"] = True  # which experts were chosen, for the losses and the bias update
         outputs: BaseModelOutputWithPast = self.model(
             **inputs, past_key_values=past_key_values, use_cache=use_cache, objective=objective, **kwargs
         )
@@ -878,21 +1269,96 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         else:
             logits = head(hidden_states)
 
-        loss = None
+        loss = aux_loss = None
+        objective_losses = {}
         if labels is not None:
             loss = self._ar_loss(logits, labels, **kwargs) if objective == "ar" else self._sat_loss(
                 logits, gate_logits, labels
             )
+            objective_losses[objective] = loss
+            if objective == "ar" and self.config.num_mtp_layers:
+                objective_losses["mtp"] = self._mtp_loss(inputs, outputs.last_hidden_state, labels)
+                loss = loss + self.config.mtp_loss_weight * objective_losses["mtp"]
+        if updates_router_bias:
+            self._update_router_biases(outputs.router_indices, attention_mask)
+        if wants_aux_loss:
+            aux_loss = self._router_aux_loss(outputs, attention_mask)
+            if loss is not None:
+                loss = loss + aux_loss
         return AgillmCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            objective_losses={objective: loss} if loss is not None else None,
+            objective_losses=objective_losses or None,
             gate_logits=gate_logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.get("router_logits"),
+            aux_loss=aux_loss,
         )
+
+    # ----------------------------------------------------------------------------------------------- MoE, MTP
+
+    def _routers(self) -> list[AgillmRouter]:
+        """The routers of the decoder layers, in the order they run (= the order their outputs are recorded)."""
+        return [layer.mlp.gate for layer in self.model.layers[: self.config.num_hidden_layers] if layer.is_sparse]
+
+    def _update_router_biases(self, router_indices: tuple[torch.Tensor, ...], attention_mask=None) -> None:
+        real = None  # padding tokens are routed too, but their choices are no load to balance
+        if attention_mask is not None and attention_mask.dim() == 2:
+            real = attention_mask[:, -(router_indices[0].shape[0] // attention_mask.shape[0]) :].reshape(-1).bool()
+        for router, top_index in zip(self._routers(), router_indices):
+            router.update_bias(top_index if real is None else top_index[real], self.config.router_bias_update_rate)
+
+    def _router_aux_loss(self, outputs: BaseModelOutputWithPast, attention_mask) -> torch.Tensor:
+        balance, z_loss = router_losses(
+            outputs.router_logits,
+            outputs.router_indices,
+            self.config.num_experts,
+            sigmoid_scores=self.config.router_type.startswith("sigmoid"),
+            attention_mask=attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None,
+        )
+        return self.config.router_aux_loss_coef * balance + self.config.router_z_loss_coef * z_loss
+
+    def _mtp_loss(self, inputs: dict, main_hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3 MTP loss: the mean over depths k of the cross-entropy of depth k's guess of token t + k + 2.
+
+        Depth k combines the previous depth's hidden state at t (depth -1: the trunk's final hidden state, as
+        transformers' `MtpModel` receives it) with the embedding of token t + k + 1, at that token's position.
+        """
+        embeds = inputs["inputs_embeds"]
+        if embeds is None:
+            embeds = self.model.embed_tokens(inputs["input_ids"])
+        batch, seq_len = embeds.shape[:2]
+        position_ids = inputs["position_ids"]
+        if position_ids is None:
+            position_ids = torch.arange(seq_len, device=embeds.device)[None]
+        position_ids = position_ids.expand(batch, -1)
+        attention_mask = inputs["attention_mask"]
+        hidden, losses = main_hidden, []
+        for depth, layer in enumerate(self.model.layers[self.config.num_hidden_layers :]):
+            length = seq_len - depth - 1
+            if length < 1:
+                break
+            shifted = slice(depth + 1, depth + 1 + length)
+            layer_embeds, layer_positions = embeds[:, shifted], position_ids[:, shifted]
+            mask = MASK_BUILDERS[layer.attention_type](
+                config=self.config,
+                inputs_embeds=layer_embeds,
+                attention_mask=attention_mask[:, shifted] if attention_mask is not None else None,
+                past_key_values=None,
+                position_ids=layer_positions,
+            )
+            hidden = layer.predict(
+                layer_embeds,
+                hidden[:, :length],
+                attention_mask=mask,
+                position_embeddings=self.model.rotary_emb(layer_embeds, position_ids=layer_positions),
+                position_ids=layer_positions,
+            )
+            targets = F.pad(labels[:, depth + 2 :], (0, 1), value=-100)
+            losses.append(F.cross_entropy(self.lm_head(hidden).float().flatten(0, 1), targets.flatten(), ignore_index=-100))
+        return torch.stack(losses).mean() if losses else main_hidden.new_zeros(())
 
     # ----------------------------------------------------------------------------------------------- losses
 
@@ -1034,6 +1500,9 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         standard autoregressive generation (greedy, sampling, beam search, assisted, ...).
         """
         if generation_mode in (None, "ar"):
+            generation_config = kwargs.get("generation_config")
+            if kwargs.get("use_mtp") or getattr(generation_config, "use_mtp", False):
+                self._check_mtp_generation()
             return super().generate(*args, **kwargs)
         if generation_mode not in (*GENERATION_MODES, "diffusion_euler"):
             raise ValueError(
@@ -1043,6 +1512,17 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         if generation_mode == "diffusion_euler":
             return diffusion_euler_generate(self, *args, **kwargs)
         return agillm_generate(self, *args, generation_mode=generation_mode, **kwargs)
+
+
+    def _check_mtp_generation(self) -> None:
+        """transformers' `use_mtp=True` reads the MTP weights back from the folder the model was loaded from."""
+        if not self.config.num_mtp_layers:
+            raise ValueError("use_mtp=True needs MTP modules: this model has num_mtp_layers=0.")
+        if not self.config.name_or_path:
+            raise ValueError(
+                "use_mtp=True loads the MTP modules from the checkpoint the model was loaded from, and this model was "
+                "not loaded from one: save_pretrained it and load it back with from_pretrained."
+            )
 
 
 # The task heads reuse transformers' generic forward passes (pooling, losses). Their constructors are spelled out

@@ -1,14 +1,26 @@
 """`python -m bench [--quick] [...]`: AGILLM vs Llama (`bench.compare_llama`, see it for the options).
 `python -m bench decoding [--quick] [...]`: parallel decoding vs AR greedy (`bench.decoding`).
+`python -m bench moe [--quick] [...]`: MoE training throughput vs transformers' Mixtral / Qwen3-MoE (`bench.moe`).
+`python -m bench mtp [--quick] [...]`: MTP speculative decoding vs plain greedy, models trained on CPU (`bench.mtp`).
+`python -m bench moe_routing [--quick] [...]`: token vs document routing, expert specialisation (`bench.moe_routing`).
+`python -m bench kv_table [--quick] [...]`: KV-cache bytes/token and held-out perplexity per cache (`bench.kv_table`).
 """
 
 import sys
 
-from . import compare_llama, decoding
+from . import compare_llama, decoding, kv_table, moe, moe_routing, mtp
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["decoding"]:
         decoding.main(sys.argv[2:])
+    elif sys.argv[1:2] == ["moe"]:
+        moe.main(sys.argv[2:])
+    elif sys.argv[1:2] == ["mtp"]:
+        mtp.main(sys.argv[2:])
+    elif sys.argv[1:2] == ["moe_routing"]:
+        moe_routing.main(sys.argv[2:])
+    elif sys.argv[1:2] == ["kv_table"]:
+        kv_table.main(sys.argv[2:])
     else:
         compare_llama.main()

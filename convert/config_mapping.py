@@ -1,21 +1,36 @@
-"""Map a transformers Llama / Mistral / Qwen2 / Qwen3 config onto an `AgillmConfig`, or say why it cannot be.
+"""Map a transformers Llama / Mistral / Qwen2 / Qwen3 / Mixtral / Qwen3-MoE config onto an `AgillmConfig`, or say
+why it cannot be.
 
 AGILLM uses the same field names as these families, so most fields copy over unchanged. What differs is where each
 family hard-codes a choice that AGILLM makes configurable:
 
-| family  | q/k/v bias       | o_proj bias      | QK-norm | attention windows                                         |
-|---------|------------------|------------------|---------|-----------------------------------------------------------|
-| llama   | `attention_bias` | `attention_bias` | no      | none                                                      |
-| mistral | no               | no               | no      | every layer slides when `sliding_window` is set           |
-| qwen2   | always           | never            | no      | `layer_types` (`use_sliding_window`, `max_window_layers`) |
-| qwen3   | `attention_bias` | `attention_bias` | yes     | `layer_types`, as qwen2                                   |
+| family    | q/k/v bias       | o_proj bias      | QK-norm | attention windows                                         |
+|-----------|------------------|------------------|---------|-----------------------------------------------------------|
+| llama     | `attention_bias` | `attention_bias` | no      | none                                                      |
+| mistral   | no               | no               | no      | every layer slides when `sliding_window` is set           |
+| qwen2     | always           | never            | no      | `layer_types` (`use_sliding_window`, `max_window_layers`) |
+| qwen3     | `attention_bias` | `attention_bias` | yes     | `layer_types`, as qwen2                                   |
+| mixtral   | no               | no               | no      | as mistral                                                |
+| qwen3_moe | `attention_bias` | `attention_bias` | yes     | as mistral (`use_sliding_window` clears `sliding_window`)  |
+
+The two MoE families route as AGILLM's `softmax_topk` router: softmax over the router logits in fp32, top-k, then
+(Mixtral always, Qwen3-MoE with `norm_topk_prob`) renormalised over the chosen experts.
+
+| family    | experts             | expert width            | dense layers (`mlp_layer_types`, `intermediate_size` wide)       |
+|-----------|---------------------|-------------------------|-------------------------------------------------------------------|
+| mixtral   | `num_local_experts` | `intermediate_size`     | none                                                              |
+| qwen3_moe | `num_experts`       | `moe_intermediate_size` | `mlp_only_layers`, and layer i when `decoder_sparse_step` ∤ i + 1 |
 """
 
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.utils import logging
 
 from configuration_agillm import AgillmConfig
+
+
+logger = logging.get_logger(__name__)
 
 
 class ConversionError(ValueError):
@@ -90,11 +105,88 @@ def _qwen3_fields(config: PreTrainedConfig) -> dict:
     }
 
 
+def _moe_fields(config: PreTrainedConfig, num_experts: int, expert_size: int, norm_topk_prob: bool,
+                mlp_layer_types: list[str]) -> dict:
+    """The routed-experts fields shared by Mixtral and Qwen3-MoE (gated SiLU experts, no biases, no shared expert)."""
+    return {
+        "num_experts": num_experts,
+        "num_experts_per_tok": config.num_experts_per_tok,
+        "moe_intermediate_size": expert_size,
+        "router_type": "softmax_topk",
+        "norm_topk_prob": norm_topk_prob,
+        "mlp_layer_types": mlp_layer_types,
+        # The load-balancing loss both families add to the training loss when `output_router_logits` is on.
+        "output_router_logits": config.output_router_logits,
+        "router_aux_loss_coef": config.router_aux_loss_coef,
+    }
+
+
+def _mixtral_fields(config: PreTrainedConfig) -> dict:
+    # Jitter multiplies the MoE input by U(1 - j, 1 + j) noise in training mode only; eval forwards never see it.
+    if config.router_jitter_noise:
+        logger.warning(
+            f"Mixtral's router_jitter_noise={config.router_jitter_noise} is a training-time augmentation AGILLM does "
+            "not implement; inference is unaffected, fine-tuning the converted model runs without it."
+        )
+    # Every Mixtral layer is sparse and its `intermediate_size` is the width of one expert (there is no dense MLP).
+    moe = _moe_fields(
+        config,
+        num_experts=config.num_local_experts,
+        expert_size=config.intermediate_size,
+        norm_topk_prob=True,  # MixtralTopKRouter always renormalises the top-k probabilities
+        mlp_layer_types=["sparse"] * config.num_hidden_layers,
+    )
+    return {**_mistral_fields(config), **moe}
+
+
+def _qwen3_moe_mlp_layer_types(config: PreTrainedConfig) -> list[str]:
+    # Qwen3MoeDecoderLayer's rule, layer by layer.
+    return [
+        "sparse"
+        if layer not in config.mlp_only_layers and (layer + 1) % config.decoder_sparse_step == 0
+        else "dense"
+        for layer in range(config.num_hidden_layers)
+    ]
+
+
+def _qwen3_moe_fields(config: PreTrainedConfig) -> dict:
+    # Qwen3MoeModel, like Mistral, uses one mask for all layers: sliding whenever `sliding_window` survived
+    # `use_sliding_window` (the config clears it otherwise); it has no `layer_types`.
+    fields = {
+        **_mistral_fields(config),
+        "attention_bias": config.attention_bias,
+        "attention_output_bias": config.attention_bias,
+        "use_qk_norm": True,
+    }
+    if config.num_experts == 0:  # every layer is then a dense MLP of `intermediate_size`
+        return fields
+    if config.decoder_sparse_step < 1:
+        raise ConversionError(f"decoder_sparse_step must be a positive integer, got {config.decoder_sparse_step}.")
+    moe = _moe_fields(
+        config,
+        num_experts=config.num_experts,
+        expert_size=config.moe_intermediate_size,
+        norm_topk_prob=config.norm_topk_prob,
+        mlp_layer_types=_qwen3_moe_mlp_layer_types(config),
+    )
+    return {**fields, **moe}
+
+
+# DeepSeek-V3 and Llama 4 live in their own modules (they also rewrite the checkpoint); imported here, below
+# `ConversionError`, which they import from this module.
+from .deepseek_v3 import deepseek_v3_fields  # noqa: E402
+from .llama4 import llama4_text_fields  # noqa: E402
+
+
 FAMILY_FIELDS = {
     "llama": _llama_fields,
     "mistral": _mistral_fields,
     "qwen2": _qwen2_fields,
     "qwen3": _qwen3_fields,
+    "mixtral": _mixtral_fields,
+    "qwen3_moe": _qwen3_moe_fields,
+    "deepseek_v3": deepseek_v3_fields,
+    "llama4_text": llama4_text_fields,
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_FIELDS)
 
@@ -137,7 +229,7 @@ def _rope_parameters(config: PreTrainedConfig) -> dict:
 
 
 def agillm_config_from(source_config: PreTrainedConfig) -> AgillmConfig:
-    """Build the `AgillmConfig` that computes exactly what a Llama/Mistral/Qwen2/Qwen3 `source_config` computes.
+    """Build the `AgillmConfig` that computes exactly what a `source_config` of a supported family computes.
 
     Raises:
         ConversionError: unknown `model_type`, a quantized source, a RoPE variant AGILLM lacks, or a combination

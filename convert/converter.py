@@ -36,6 +36,8 @@ from processing_agillm import AgillmProcessor
 
 from .atomic import atomic_directory, check_output_dir
 from .config_mapping import ConversionError, agillm_config_from, check_model_type
+from .deepseek_v3 import prepare_deepseek_v3_source
+from .llama4 import prepare_llama4_text_source
 from .model_card import Provenance, write_model_card
 from .weights import TIED_TARGET, CheckpointFolderTensors, collect_agillm_weights
 
@@ -198,13 +200,21 @@ def _resolve_dtype(dtype, default: torch.dtype) -> torch.dtype:
     return resolved
 
 
+# Families whose checkpoints need rewriting before the name-for-name mapping: `(config, tensors) -> (config, tensors)`
+# with AGILLM names (DeepSeek-V3 also sets the MTP layer count its checkpoint holds).
+SOURCE_PREPARERS = {"deepseek_v3": prepare_deepseek_v3_source, "llama4_text": prepare_llama4_text_source}
+
+
 def build_agillm_model(source: Source, dtype: torch.dtype) -> AgillmForCausalLM:
     """An `AgillmForCausalLM` holding the source's weights (cast to `dtype`), without a random init first."""
-    config = agillm_config_from(source.config)
+    source_config, source_tensors = source.config, source.tensors
+    if source_config.model_type in SOURCE_PREPARERS:
+        source_config, source_tensors = SOURCE_PREPARERS[source_config.model_type](source_config, source_tensors)
+    config = agillm_config_from(source_config)
     with init_empty_weights(include_buffers=False):  # parameters on "meta"; rotary tables are computed for real
         model = AgillmForCausalLM(config)
     expected_shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    weights = collect_agillm_weights(source.tensors, expected_shapes, config.tie_word_embeddings, dtype)
+    weights = collect_agillm_weights(source_tensors, expected_shapes, config.tie_word_embeddings, dtype)
     model.load_state_dict(weights, strict=False, assign=True)
     model.tie_weights()  # `assign` replaced the embedding; point the tied head at the new one
     unfilled = [name for name, parameter in model.named_parameters() if parameter.is_meta]

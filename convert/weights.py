@@ -4,11 +4,24 @@ AGILLM's parameter names are those of Llama/Qwen3, so a source tensor goes to th
 name. The work is in the checks: every AGILLM parameter must be filled, every source tensor must be used (a tensor
 with no AGILLM home, e.g. an o_proj bias the config does not announce, means the source computes something AGILLM
 would silently drop), and shapes must agree.
+
+MoE experts are AGILLM 3-D parameters, `mlp.experts.gate_up_proj` [E, 2I, H] (gate rows, then up rows) and
+`mlp.experts.down_proj` [E, H, I], with the router at `mlp.gate.weight` [E, H]: the layout of transformers 5.x's
+Mixtral and Qwen3-MoE modules, so a live model's `state_dict` maps by name. Checkpoint files (the Hub's, and what
+transformers' own `save_pretrained` writes back) store one 2-D `[out, in]` matrix per expert instead; those are
+stacked here, without transposing:
+
+| family    | per-expert source names                                   | router                         |
+|-----------|-----------------------------------------------------------|--------------------------------|
+| mixtral   | `block_sparse_moe.experts.N.{w1 (gate), w3 (up), w2 (down)}` | `block_sparse_moe.gate.weight` |
+| qwen3_moe | `mlp.experts.N.{gate_proj, up_proj, down_proj}`            | `mlp.gate.weight`              |
 """
 
 import json
 import re
+from collections import defaultdict
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +35,15 @@ from .config_mapping import ConversionError
 # Rotary tables are recomputed from the config; old `.bin` checkpoints still carry them as buffers.
 IGNORED_SOURCE_KEYS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 TIED_TARGET, TIED_SOURCE = "lm_head.weight", "model.embed_tokens.weight"
+KEPT_IN_FP32 = ("e_score_correction_bias",)  # = AgillmPreTrainedModel._keep_in_fp32_modules_strict
+# Mixtral checkpoints name the MoE block `block_sparse_moe`; transformers 5.x and AGILLM call it `mlp`.
+MIXTRAL_MOE_BLOCK = re.compile(r"\.block_sparse_moe\.")
+# One expert's matrix in a per-expert checkpoint, e.g. `model.layers.3.mlp.experts.7.w1.weight`.
+PER_EXPERT_NAME = re.compile(r"^(?P<block>.+\.mlp)\.experts\.(?P<expert>\d+)\.(?P<projection>\w+)\.weight$")
+# Each per-expert projection's role: Mixtral's w1/w3/w2 are Qwen3-MoE's gate_proj/up_proj/down_proj.
+EXPERT_ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+# AGILLM 3-D parameter <- the roles concatenated (along the output rows) for each expert, in order.
+STACKED_EXPERT_PARAMETERS = {"gate_up_proj": ("gate", "up"), "down_proj": ("down",)}
 
 
 class CheckpointFolderTensors(Mapping):
@@ -79,11 +101,80 @@ class CheckpointFolderTensors(Mapping):
         return len(self._file_of)
 
 
-def _source_name_per_agillm_name(source_names) -> dict[str, str]:
-    """`{agillm name: source name}`; a base-model checkpoint (no `model.` prefix, no head) gets the prefix added."""
+@dataclass(frozen=True)
+class StackedExperts:
+    """An AGILLM 3-D expert parameter assembled from per-expert source matrices.
+
+    `parts[e]` lists the source names of expert e, concatenated along their output rows (gate, then up); the
+    experts are then stacked along a new first dimension.
+    """
+
+    parts: tuple[tuple[str, ...], ...]
+
+    def load(self, source: Mapping[str, torch.Tensor], agillm_name: str) -> torch.Tensor:
+        matrices = [[source[name] for name in names] for names in self.parts]
+        # Gate, up and down matrices are each [out, in] with out = I for gate/up: one shape per parameter.
+        shapes = {tuple(matrix.shape) for expert in matrices for matrix in expert}
+        if len(shapes) != 1:
+            raise ConversionError(
+                f"The per-expert matrices of {agillm_name} differ in shape ({sorted(shapes)}); every expert (and "
+                "its gate and up projection) must have the same size."
+            )
+        return torch.stack([torch.cat(expert, dim=0) for expert in matrices])
+
+
+def _stack_per_expert_tensors(per_expert: dict[str, dict[str, dict[int, str]]]) -> dict[str, StackedExperts]:
+    """`{block: {role: {expert: source name}}}` -> `{AGILLM 3-D parameter name: StackedExperts}`.
+
+    Raises:
+        ConversionError: a block lacks a role (e.g. no up projections) or some expert of a role.
+    """
+    stacked = {}
+    for block, roles in per_expert.items():
+        expected_roles = {role for role_group in STACKED_EXPERT_PARAMETERS.values() for role in role_group}
+        num_experts = 1 + max(expert for experts in roles.values() for expert in experts)
+        for role in sorted(expected_roles):
+            missing = sorted(set(range(num_experts)) - set(roles.get(role, {})))
+            if missing:
+                raise ConversionError(
+                    f"{block}.experts: the {role} projection of expert(s) {_format_names([str(m) for m in missing])} "
+                    f"is missing from the source ({num_experts} experts found)."
+                )
+        for parameter, role_group in STACKED_EXPERT_PARAMETERS.items():
+            parts = tuple(tuple(roles[role][expert] for role in role_group) for expert in range(num_experts))
+            stacked[f"{block}.experts.{parameter}"] = StackedExperts(parts)
+    return stacked
+
+
+def _source_name_per_agillm_name(source_names) -> dict[str, "str | StackedExperts"]:
+    """`{agillm name: source name, or the per-expert tensors to stack}`.
+
+    A base-model checkpoint (no `model.` prefix, no head) gets the prefix added; per-expert matrices are grouped
+    into AGILLM's 3-D expert parameters. A per-expert name with an unknown projection stays as it is, so the name
+    check reports it as unused.
+    """
     names = [name for name in source_names if not IGNORED_SOURCE_KEYS.search(name)]
     is_base_model = "embed_tokens.weight" in names and not any(name.startswith("model.") for name in names)
-    return {(f"model.{name}" if is_base_model else name): name for name in names}
+    mapping = {}
+    per_expert = defaultdict(lambda: defaultdict(dict))  # block -> role -> expert index -> source name
+    for name in names:
+        agillm_name = MIXTRAL_MOE_BLOCK.sub(".mlp.", f"model.{name}" if is_base_model else name)
+        match = PER_EXPERT_NAME.match(agillm_name)
+        if match and match["projection"] in EXPERT_ROLE:
+            per_expert[match["block"]][EXPERT_ROLE[match["projection"]]][int(match["expert"])] = name
+        else:
+            _add_source(mapping, agillm_name, name)
+    for agillm_name, stacked in _stack_per_expert_tensors(per_expert).items():
+        _add_source(mapping, agillm_name, stacked)
+    return mapping
+
+
+def _add_source(mapping: dict, agillm_name: str, source) -> None:
+    # Two source layouts for one parameter (e.g. `mlp.gate` next to `block_sparse_moe.gate`, or 3-D experts next to
+    # per-expert ones): keeping either would silently drop the other.
+    if agillm_name in mapping:
+        raise ConversionError(f"The source holds {agillm_name} twice, in two layouts; keep one of them.")
+    mapping[agillm_name] = source
 
 
 def _format_names(names: list[str], limit: int = 8) -> str:
@@ -128,7 +219,11 @@ def collect_agillm_weights(
 
     weights = {}
     for name in tqdm(sorted(expected), desc="Converting weights", unit="tensor"):
-        tensor = source[source_name_of[name]]
+        source_name = source_name_of[name]
+        if isinstance(source_name, StackedExperts):
+            tensor = source_name.load(source, name)
+        else:
+            tensor = source[source_name]
         if tuple(tensor.shape) != tuple(expected[name]):
             raise ConversionError(
                 f"Shape mismatch for {name}: the source has {tuple(tensor.shape)}, its config implies "
@@ -136,7 +231,9 @@ def collect_agillm_weights(
             )
         if not tensor.is_floating_point():
             raise ConversionError(f"{name} is {tensor.dtype}, not a float tensor (a quantized checkpoint?).")
-        weights[name] = tensor.detach().to(dtype=dtype).contiguous()
+        # DeepSeek-V3's balancing bias steers the expert choice by small margins: it stays fp32 in any dtype.
+        tensor_dtype = torch.float32 if name.endswith(KEPT_IN_FP32) else dtype
+        weights[name] = tensor.detach().to(dtype=tensor_dtype).contiguous()
 
     if tied_head_name is not None and not torch.equal(source[tied_head_name].to(dtype), weights[TIED_SOURCE]):
         raise ConversionError(

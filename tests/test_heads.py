@@ -189,7 +189,7 @@ def test_bidirectional_nat_sees_the_future():
 def test_top1_straight_through_uses_the_expert_output_unscaled():
     config = tiny_config(**LAYOUTS["agillm"], num_experts=4, router_type="top1_straight_through")
     torch.manual_seed(0)
-    router = AgillmRouter(config)
+    router = AgillmRouter(config, layer_idx=0)
     torch.nn.init.normal_(router.weight)
     hidden = torch.randn(6, config.hidden_size)
     logits, weights, index = router(hidden)
@@ -203,7 +203,7 @@ def test_softmax_topk_equals_softmax_over_the_chosen_logits():
     """AGILLM 4.x's top-k rule (top-k on raw logits, softmax over them) equals softmax, top-k, renormalise."""
     config = tiny_config(num_experts=5, num_experts_per_tok=2)
     torch.manual_seed(0)
-    router = AgillmRouter(config)
+    router = AgillmRouter(config, layer_idx=0)
     torch.nn.init.normal_(router.weight)
     hidden = torch.randn(7, config.hidden_size)
     logits, weights, index = router(hidden)

@@ -231,6 +231,12 @@ class AgillmModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCase
             self.skipTest("This config has no MoE layers; AgillmMoeModelTest and AgillmNativeLayoutModelTest run it.")
         _test_eager_matches_batched_and_grouped_inference(self, name, dtype)
 
+    def test_output_router_logits_from_config(self):
+        """The mixin's test; a config without MoE layers has no routers (every config has the field)."""
+        if not self.model_tester.get_config().num_experts:
+            self.skipTest("This config has no MoE layers, so no router logits.")
+        super().test_output_router_logits_from_config()
+
     def test_model(self):
         self.model_tester.create_and_check_model(*self.model_tester.prepare_config_and_inputs())
 
@@ -347,4 +353,54 @@ class AgillmNativeLayoutModelTest(AgillmModelTest):
         "nat_block_size": None,
         "nat_mask_token_id": 0,
         "sat_gate_loss": False,
+    }
+
+
+class AgillmDeepseekStyleModelTest(AgillmModelTest):
+    """All of `ModelTesterMixin` on a DeepSeek-V3-style config: multi-head latent attention (compressed query and
+    key/value latents) whose second layer reuses the first layer's cached latent (cross-layer KV sharing), a dense
+    first layer, then sigmoid group-limited top-2 routing (2 of 4 groups, scaled weights) with a shared expert, and
+    one MTP module after the last layer."""
+
+    tester_overrides = {
+        "num_key_value_heads": 4,
+        "kv_lora_rank": 16,
+        "q_lora_rank": 24,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 12,
+        "kv_source_layers": [0, 0],
+        "mlp_layer_types": ["dense", "sparse"],
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "router_type": "sigmoid_group_topk",
+        "n_group": 4,
+        "topk_group": 2,
+        "routed_scaling_factor": 2.5,
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 16,
+        "num_mtp_layers": 1,
+    }
+
+
+class AgillmLlama4StyleModelTest(AgillmModelTest):
+    """All of `ModelTesterMixin` on a Llama-4-style config: a chunked-attention RoPE layer with weightless post-RoPE
+    QK-norm, then a full-attention NoPE layer with attention temperature tuning, a dense first layer and a top-1
+    MoE layer whose expert input is scaled by the sigmoid router score, plus a gated shared expert."""
+
+    tester_overrides = {
+        "layer_types": ["chunked_attention", "full_attention"],
+        "attention_chunk_size": 4,
+        "nope_layers": [1],
+        "use_qk_norm": True,
+        "qk_norm_type": "unweighted_post_rope",
+        "attn_temperature_tuning": True,
+        "floor_scale": 2,
+        "mlp_layer_types": ["dense", "sparse"],
+        "num_experts": 4,
+        "num_experts_per_tok": 1,
+        "router_type": "sigmoid_top1_scaled_input",
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 16,
+        "shared_expert_gate": True,
     }
