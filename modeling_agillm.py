@@ -1,7 +1,11 @@
 """AGILLM decoder: the trunk every AGILLM head stands on.
 
 Data flow (top to bottom of this file):
-    token ids -> embed_tokens -> N x AgillmDecoderLayer(pre-norm attention, pre-norm gated MLP) -> norm -> heads
+    token ids -> embed_tokens -> N x AgillmDecoderLayer(pre-norm attention, pre-norm MLP or MoE) -> norm -> heads
+
+A layer's attention is `AgillmAttention` (MHA/GQA/MQA, optionally reusing an earlier layer's K/V) or
+`AgillmMLAttention` (DeepSeek's latent attention); its MLP is dense or an `AgillmSparseMoeBlock` (router + experts).
+`AgillmForCausalLM` adds the heads (AR, SAT, NAT) and, after the last decoder layer, DeepSeek-V3-style MTP modules.
 
 Attention goes through transformers' `ALL_ATTENTION_FUNCTIONS` (eager / sdpa / flex / flash, plus anything
 `kernels/` registers), masks come from `masking_utils` (one mask per layer type: full, sliding, chunked), and the

@@ -1,4 +1,4 @@
-"""Convert transformers Llama / Mistral / Qwen2 / Qwen3 checkpoints into AGILLM folders.
+"""Convert transformers Llama / Mistral / Qwen2 / Qwen3 / Mixtral / Qwen3-MoE / DeepSeek-V3 / Llama 4 (text) checkpoints into AGILLM folders.
 
     from convert import convert_to_agillm
     convert_to_agillm("path/to/llama", "path/to/agillm")          # or a model object, or a folder + gguf_file

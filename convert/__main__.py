@@ -10,8 +10,8 @@ from .config_mapping import ConversionError
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m convert",
-        description="Convert a transformers Llama / Mistral / Qwen2 / Qwen3 checkpoint folder, or a native AGILLM 4.x "
-        "`.pt` checkpoint (--agillm4), into an AGILLM folder.",
+        description="Convert a transformers Llama / Mistral / Qwen2 / Qwen3 / Mixtral / Qwen3-MoE / DeepSeek-V3 / "
+        "Llama 4 (text) checkpoint folder, or a native AGILLM 4.x `.pt` checkpoint (--agillm4), into an AGILLM folder.",
     )
     parser.add_argument(
         "source",

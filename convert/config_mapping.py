@@ -1,5 +1,6 @@
 """Map a transformers Llama / Mistral / Qwen2 / Qwen3 / Mixtral / Qwen3-MoE config onto an `AgillmConfig`, or say
-why it cannot be.
+why it cannot be. DeepSeek-V3 and Llama 4 (text) have their own modules (`deepseek_v3.py`, `llama4.py`), which also
+rewrite the checkpoint (interleaved RoPE rows, transposed experts) before the name-for-name mapping.
 
 AGILLM uses the same field names as these families, so most fields copy over unchanged. What differs is where each
 family hard-codes a choice that AGILLM makes configurable:

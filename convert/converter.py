@@ -1,4 +1,4 @@
-"""`convert_to_agillm`: a transformers Llama / Mistral / Qwen2 / Qwen3 checkpoint in, a complete AGILLM folder out.
+"""`convert_to_agillm`: a transformers Llama / Mistral / Qwen2 / Qwen3 / Mixtral / Qwen3-MoE / DeepSeek-V3 / Llama 4 (text) checkpoint in, a complete AGILLM folder out.
 
 Steps: read the source (model object, checkpoint folder or GGUF file) -> map its config (`config_mapping`) ->
 build an empty AGILLM model and fill it tensor by tensor (`weights`) -> save model, code files, tokenizer +
@@ -291,7 +291,7 @@ def convert_to_agillm(
     overwrite: bool = False,
     source_name: str | None = None,
 ) -> Path:
-    """Convert a transformers Llama / Mistral / Qwen2 / Qwen3 model into an AGILLM folder.
+    """Convert a transformers Llama / Mistral / Qwen2 / Qwen3 / Mixtral / Qwen3-MoE / DeepSeek-V3 / Llama 4 (text) model into an AGILLM folder.
 
     Args:
         source: a transformers model object, or a local folder (config.json + safetensors/.bin weights, or with
