@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: setup demo test bench bench-decoding
+.PHONY: setup demo test bench bench-decoding data
 
 setup: .venv/.agillm-installed
 
@@ -26,3 +26,8 @@ bench: setup
 
 bench-decoding: setup
 	$(PY) -m bench decoding
+
+# Corpora beyond Shakespeare, for the MoE routing bench: Python's documentation sources (Debian python3.11-doc),
+# fetched from the package registry with apt-get download + dpkg -x into .cache/ (no root); a no-op once there.
+data: setup
+	$(PY) -m corpus.python_docs

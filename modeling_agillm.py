@@ -1257,10 +1257,9 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
                 attentions=outputs.attentions, router_logits=outputs.get("router_logits"),
             )
 
-        wants_aux_loss = bool(self.config.num_experts) and kwargs.get(
-            "output_router_logits", self.config.output_router_logits
-        )
-        updates_router_bias = self.training and self.config.num_experts and self.config.router_bias_update_rate > 0
+        routes = "sparse" in self.config.mlp_layer_types
+        wants_aux_loss = routes and kwargs.get("output_router_logits", self.config.output_router_logits)
+        updates_router_bias = self.training and routes and self.config.router_bias_update_rate > 0
         if wants_aux_loss or updates_router_bias:
             kwargs["output_router_indices"] = True  # which experts were chosen, for the losses and the bias update
         outputs: BaseModelOutputWithPast = self.model(
