@@ -527,6 +527,23 @@ class AgillmAttention(nn.Module):
             if not self.is_kv_shared:
                 self.k_norm = build_norm(config, self.head_dim)
 
+    def _apply_positions(self, query_states, key_states, position_embeddings, position_ids):
+        """RoPE (then Llama 4's weightless QK-norm), or on NoPE layers Llama 4's temperature; no keys when sharing."""
+        if self.use_rope:
+            cos, sin = position_embeddings
+            if key_states is None:
+                query_states = query_states * cos.unsqueeze(1) + rotate_half(query_states) * sin.unsqueeze(1)
+            else:
+                query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+            if self.qk_norm == "unweighted_post_rope":  # after RoPE, on RoPE layers only
+                eps = self.config.rms_norm_eps
+                query_states = unweighted_rms_norm(query_states, eps)
+                key_states = None if key_states is None else unweighted_rms_norm(key_states, eps)
+        if self.tunes_temperature:
+            scale = nope_temperature(position_ids, self.config.floor_scale, self.config.attn_scale)
+            query_states = (query_states * scale[:, None, :, None]).to(query_states.dtype)
+        return query_states, key_states
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -541,37 +558,23 @@ class AgillmAttention(nn.Module):
         hidden_shape = (*input_shape, -1, self.head_dim)
 
         query_states = self.q_proj(hidden_states).view(hidden_shape)
-        if self.is_kv_shared:  # the source layer ran earlier in this forward and left its full K/V here
+        if self.qk_norm == "learned":
+            query_states = self.q_norm(query_states)
+        query_states = query_states.transpose(1, 2)
+
+        if self.is_kv_shared:  # the source layer ran earlier in this forward and left its full (cached) K/V here
+            query_states, _ = self._apply_positions(query_states, None, position_embeddings, position_ids)
             key_states, value_states = shared_kv_states[self.kv_source]
         else:
             key_states = self.k_proj(hidden_states).view(hidden_shape)
             # tie_kv: values are the key projection itself (before QK-norm and RoPE, which only shape the scores).
             value_states = key_states if self.tie_kv else self.v_proj(hidden_states).view(hidden_shape)
             value_states = value_states.transpose(1, 2)
-        if self.qk_norm == "learned":
-            query_states = self.q_norm(query_states)
-            if not self.is_kv_shared:
+            if self.qk_norm == "learned":
                 key_states = self.k_norm(key_states)
-        query_states = query_states.transpose(1, 2)
-        new_keys = not self.is_kv_shared
-        if new_keys:
-            key_states = key_states.transpose(1, 2)
-
-        if self.use_rope:
-            cos, sin = position_embeddings
-            if new_keys:
-                query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-            else:
-                query_states = query_states * cos.unsqueeze(1) + rotate_half(query_states) * sin.unsqueeze(1)
-            if self.qk_norm == "unweighted_post_rope":  # Llama 4: after RoPE, on RoPE layers only
-                query_states = unweighted_rms_norm(query_states, self.config.rms_norm_eps)
-                if new_keys:
-                    key_states = unweighted_rms_norm(key_states, self.config.rms_norm_eps)
-        if self.tunes_temperature:
-            scale = nope_temperature(position_ids, self.config.floor_scale, self.config.attn_scale)
-            query_states = (query_states * scale[:, None, :, None]).to(query_states.dtype)
-
-        if new_keys:
+            query_states, key_states = self._apply_positions(
+                query_states, key_states.transpose(1, 2), position_embeddings, position_ids
+            )
             if past_key_values is not None:
                 key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
             if self.stores_shared_kv:

@@ -6,13 +6,14 @@ Models:
                      every other layer reading its predecessor's K/V, WITHOUT retraining (clearly worse: a lower
                      bound of what KV sharing keeps untrained);
     from scratch     small AGILLMs trained on Shakespeare with the demo's `Trainer` setup
-                     (`demo.pretrain_shakespeare`: its config, data and time budget), the same number of minutes
-                     each: MHA, GQA, MLA (latent sized for 4x fewer bytes than the GQA cache), KV-shared GQA (every
+                     (`demo.pretrain_shakespeare`: its config, data and optimizer settings), the same number of
+                     steps each (same seed, same batches): MHA, GQA, MLA (latent sized for 4x fewer bytes than the GQA cache), KV-shared GQA (every
                      other layer reads the previous layer's K/V).
 
 Caches (`make_cache`): the fp32 `DynamicCache`; bf16 storage (`Bf16StorageLayer`: the same cache holding bfloat16,
 read back upcast); transformers' `QuantizedCache` with the fp8 backend (per-tensor scale) and the HQQ backend at 8 and
-4 bits (one group per head and token, `q_group_size = head_dim`).
+4 bits (one group per head and token, `q_group_size = head_dim`), int4 with smaller channel groups (32, 16), and
+int4 with KIVI's per-channel key groups (`KiviKeysHQQLayer`).
 
 Scoring (`cache_rows`): each held-out window (a fixed set of `--windows` blocks of 256 tokens of hamlet and
 the-tempest, never trained on) is prefilled for its first `prefix_tokens` tokens (one forward for all cache kinds,
@@ -23,7 +24,7 @@ only its own chunk at full precision (as a decode step reads its own new K/V), a
 unquantised when its bytes are measured. Bytes/token: `bench.kv_cache.cache_bytes` of the filled cache (all windows,
 256 tokens) / (windows x 256).
 
-Writes `bench/kv_table.md` and `bench/kv_table.json`. Usage: `python -m bench kv_table [--quick] [--train-minutes M]`.
+Writes `bench/kv_table.md` and `bench/kv_table.json`. Usage: `python -m bench kv_table [--quick] [--train-steps N]`.
 """
 
 import argparse
@@ -37,12 +38,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, DynamicCache, QuantizedCache, set_seed
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers import (AutoTokenizer, DynamicCache, QuantizedCache, Trainer, TrainingArguments,
+                          default_data_collator, set_seed)
+from transformers.cache_utils import Cache, DynamicLayer, HQQQuantizedLayer
 
 from configuration_agillm import AgillmConfig
 from corpus.shakespeare import HELD_OUT_PLAYS, train_and_held_out
-from demo.pretrain_shakespeare import BLOCK_SIZE, TrainingPlan, build_datasets, pack_plays, small_agillm_config, train
+from demo.pretrain_shakespeare import BLOCK_SIZE, TrainingPlan, build_datasets, pack_plays, small_agillm_config
 from modeling_agillm import AgillmForCausalLM
 from tokenizer import TOKENIZER_DIR
 
@@ -54,12 +56,35 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 TARGET_RATIO = 4.0  # at least 4x fewer bytes than the model family's own GQA fp32 cache ...
 TARGET_PPL_INCREASE = 2.0  # ... at most 2% more held-out perplexity (issue 4)
+
+
+@dataclass(frozen=True)
+class HqqSetting:
+    """An HQQ cache setting. Groups run along the channels of one token (HQQ's `axis=1`: consecutive elements of the
+    `[batch, heads, tokens, channels]` tensor), `group` channels each (None: one group per head, i.e. the head's
+    width); `kivi_keys` groups the keys instead along the tokens of one channel (KIVI's per-channel keys)."""
+
+    nbits: int
+    group: int | None = None
+    kivi_keys: bool = False
+
+
+HQQ_SETTINGS = {
+    "int8": HqqSetting(8),
+    "int4": HqqSetting(4),
+    "int4 g32": HqqSetting(4, group=32),
+    "int4 g16": HqqSetting(4, group=16),
+    "int4 KIVI": HqqSetting(4, kivi_keys=True),
+}
 CACHE_DESCRIPTIONS = {
     "fp32": "fp32 (`DynamicCache`)",
     "bf16": "bf16 storage",
     "fp8": "fp8 e4m3 (`QuantizedCache`, fp8)",
-    "int8": "int8 (`QuantizedCache`, HQQ)",
-    "int4": "int4 (`QuantizedCache`, HQQ)",
+    "int8": "int8 (`QuantizedCache`, HQQ, a group per head)",
+    "int4": "int4 (`QuantizedCache`, HQQ, a group per head)",
+    "int4 g32": "int4 (HQQ, groups of 32 channels)",
+    "int4 g16": "int4 (HQQ, groups of 16 channels)",
+    "int4 KIVI": "int4 (HQQ, KIVI: keys per channel over 64 tokens)",
 }
 
 
@@ -67,7 +92,11 @@ CACHE_DESCRIPTIONS = {
 class Plan:
     """Training lengths and scoring sizes; `--quick` shrinks them to check that the bench runs end to end."""
 
-    train_minutes: float = 2.0  # per from-scratch model
+    # Optimizer steps per from-scratch model, the same for all (same seed, same batches). A GQA step (batch 4 x 256)
+    # took 0.32 s on one thread of a loaded 2-core CPU; the demo's 4.7k tokens/s on an idle one is 0.22 s, so the
+    # four models train in about 6 minutes there. (Two threads on a loaded machine took 4.3 s a step: oversubscribed
+    # cores stall torch's thread pool; pass `--threads 1` when sharing the machine.)
+    train_steps: int = 400
     windows: int = 16  # held-out windows of `window_tokens`, from-scratch models
     smollm2_windows: int = 8  # SmolLM2: ~40x the compute per token of the from-scratch models
     window_tokens: int = BLOCK_SIZE  # 256, the from-scratch models' context
@@ -79,7 +108,7 @@ class Plan:
 
     @classmethod
     def quick(cls) -> "Plan":
-        return cls(train_minutes=0.1, windows=4, smollm2=False)
+        return cls(train_steps=10, windows=4, smollm2=False)
 
     def check(self) -> None:
         if not 0 < self.prefix_tokens < self.window_tokens:
@@ -88,8 +117,8 @@ class Plan:
         if self.chunk_tokens < 1 or continuation % self.chunk_tokens:
             # Whole chunks only: a short last chunk would stay in the residual window, unquantised.
             raise ValueError(f"chunk_tokens ({self.chunk_tokens}) must divide the continuation ({continuation}).")
-        if min(self.windows, self.smollm2_windows) < 1 or self.train_minutes <= 0:
-            raise ValueError("windows and smollm2_windows must be >= 1, and train_minutes > 0.")
+        if min(self.windows, self.smollm2_windows, self.train_steps) < 1:
+            raise ValueError("windows, smollm2_windows and train_steps must be >= 1.")
 
 
 # --------------------------------------------------------------------------------------------------- caches
@@ -113,6 +142,65 @@ class Bf16StorageLayer(DynamicLayer):
         return keys, values
 
 
+class KiviKeysHQQLayer(HQQQuantizedLayer):
+    """`HQQQuantizedLayer` whose keys are grouped per channel along the tokens, as KIVI does (keys have a few outlier
+    channels, so a group that spans one channel sees one range); values keep HQQ's `axis=1` groups of `q_group_size`
+    channels of one token.
+
+    HQQ's own `axis=0` is not per-channel: it reshapes the flattened tensor to `[group_size, -1]` and takes each
+    column as a group, i.e. `group_size` elements `numel / group_size` apart, which mixes heads and the sequences of
+    the batch (one sequence's outliers set another's scale). So here `axis_key=0` means: quantise the keys transposed,
+    `[batch, heads, channels, tokens]`, in HQQ `axis=1` groups of `token_group` consecutive tokens. Every flush must
+    then hold whole groups: `residual_length = token_group` with a prefill of a multiple of it.
+    """
+
+    def __init__(self, token_group: int, **kwargs):
+        super().__init__(axis_key=0, axis_value=1, **kwargs)
+        self.token_group = token_group
+
+    def _quantize(self, tensor, axis):
+        if axis == 1:  # values
+            return super()._quantize(tensor, axis)
+        if tensor.shape[-2] % self.token_group:
+            raise ValueError(f"KIVI key groups of {self.token_group} tokens need a multiple of that many cached "
+                             f"tokens at every flush, got {tensor.shape[-2]}.")  # fmt: skip
+        channel_group, self.q_group_size = self.q_group_size, self.token_group
+        try:
+            qtensor, meta = super()._quantize(tensor.transpose(-1, -2).contiguous(), axis=1)
+        finally:
+            self.q_group_size = channel_group
+        meta["tokens_last"] = True  # read back by `_dequantize`
+        return qtensor, meta
+
+    def _dequantize(self, qtensor):
+        tensor = super()._dequantize(qtensor)
+        return tensor.transpose(-1, -2) if qtensor[1].get("tokens_last") else tensor
+
+
+def cache_widths(config: AgillmConfig) -> tuple[int, ...]:
+    """The widths of the last dimension of what each layer caches: the head's for keys and values, or MLA's latent
+    and shared rotary key."""
+    if getattr(config, "kv_lora_rank", None):
+        return (config.kv_lora_rank, config.qk_rope_head_dim)
+    return (config.head_dim,)
+
+
+def hqq_cache(setting: HqqSetting, config: AgillmConfig, residual_length: int) -> Cache:
+    """HQQ groups along axis 1 (consecutive channels of one token), so any number of tokens splits into whole groups
+    (transformers' default, axis 0 in groups of 64, needs every flush's element count to divide by 64 and mixes
+    sequences, see `KiviKeysHQQLayer`). A group never straddles two heads (or MLA's latent and rotary parts)."""
+    widths = cache_widths(config)
+    group = setting.group or math.gcd(*widths)
+    if any(width % group for width in widths):
+        raise ValueError(f"HQQ groups of {group} channels do not divide the cached widths {widths}.")
+    kwargs = {"nbits": setting.nbits, "q_group_size": group, "residual_length": residual_length}
+    if not setting.kivi_keys:
+        return QuantizedCache(backend="hqq", config=config, axis_key=1, axis_value=1, **kwargs)
+    # KIVI keys in groups of `residual_length` tokens per channel: each flush then adds whole groups.
+    return Cache(layers=[KiviKeysHQQLayer(token_group=residual_length, **kwargs)
+                         for _ in range(config.num_hidden_layers)])  # fmt: skip
+
+
 def make_cache(kind: str, config: AgillmConfig, residual_length: int) -> Cache:
     """An empty cache of `kind` (a key of `CACHE_DESCRIPTIONS`) for a model with `config`."""
     if kind == "fp32":
@@ -121,11 +209,8 @@ def make_cache(kind: str, config: AgillmConfig, residual_length: int) -> Cache:
         return Cache(layers=[Bf16StorageLayer() for _ in range(config.num_hidden_layers)])
     if kind == "fp8":
         return QuantizedCache(backend="fp8", config=config)
-    if kind in ("int8", "int4"):
-        # axis 1 with one group per head and token: any number of tokens splits into whole groups (transformers'
-        # default, axis 0 in groups of 64, needs every flush's element count to divide by 64).
-        return QuantizedCache(backend="hqq", config=config, nbits=int(kind[3:]), axis_key=1, axis_value=1,
-                              q_group_size=config.head_dim, residual_length=residual_length)  # fmt: skip
+    if kind in HQQ_SETTINGS:
+        return hqq_cache(HQQ_SETTINGS[kind], config, residual_length)
     raise ValueError(f"unknown cache kind {kind!r}; choose from {list(CACHE_DESCRIPTIONS)}.")
 
 
@@ -247,32 +332,71 @@ def scratch_configs(tokenizer) -> dict[str, AgillmConfig]:
     }
 
 
-def train_scratch(config: AgillmConfig, datasets, plan: Plan) -> tuple[AgillmForCausalLM, dict]:
-    """The demo's time-budgeted `Trainer` (AdamW, warmup + cosine over the budget) on the training plays."""
+def step_budget_arguments(output_dir: str, training: TrainingPlan, steps: int, seed: int) -> TrainingArguments:
+    """The demo's optimizer settings (AdamW, peak lr, weight decay, clipping, batch) on a fixed number of steps:
+    linear warmup over the demo's warmup fraction, then cosine decay to zero at the last step. A step budget, not
+    the demo's wall-clock one, so every architecture sees the same batches in the same order whatever the machine's
+    load."""
+    return TrainingArguments(
+        output_dir=output_dir,
+        use_cpu=True,
+        report_to=[],
+        seed=seed,
+        max_steps=steps,
+        per_device_train_batch_size=training.batch_size,
+        learning_rate=training.learning_rate,
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        lr_scheduler_type="cosine",
+        warmup_steps=round(training.warmup_fraction * steps),
+        logging_strategy="no",
+        eval_strategy="no",  # the held-out perplexity is read through the caches afterwards
+        save_strategy="no",
+        dataloader_drop_last=True,
+        disable_tqdm=True,
+    )
+
+
+def train_scratch(config: AgillmConfig, train_dataset, plan: Plan) -> tuple[AgillmForCausalLM, dict]:
+    """`plan.train_steps` Trainer steps on the training plays; the same seed gives every model the same initial
+    random stream and the same batch order."""
     set_seed(plan.seed)
     model = AgillmForCausalLM(config)
-    training = TrainingPlan(objective_weights={"ar": 1.0}, loss_points=8)
-    train_dataset, eval_dataset = datasets
-    trainer = train(model.train(), train_dataset, eval_dataset, training, 60 * plan.train_minutes, plan.seed)
+    training = TrainingPlan(objective_weights={"ar": 1.0})
+    with tempfile.TemporaryDirectory(prefix="agillm-kv-table-trainer-") as scratch:  # Trainer wants a folder
+        args = step_budget_arguments(scratch, training, plan.train_steps, plan.seed)
+        trainer = Trainer(model=model.train(), args=args, train_dataset=train_dataset,
+                          data_collator=default_data_collator)  # fmt: skip
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
     model.eval()
     model.config.use_cache = True  # the Trainer switched it off
     return model, {
         "parameters": sum(p.numel() for p in model.parameters()),
         "steps": trainer.state.global_step,
-        "train_seconds": round(trainer.budget.spent_seconds, 1),
+        "train_seconds": round(seconds, 1),
         "tokens_seen": trainer.state.global_step * training.batch_size * BLOCK_SIZE,
     }
+
+
+# Cache rows per from-scratch model beyond fp32: every kind for GQA (the family's baseline), and the HQQ kinds whose
+# channel groups divide MLA's cached widths (latent 24, rotary 8: a group per 8 channels; 16 and 32 do not divide).
+SCRATCH_KINDS = {
+    "GQA": tuple(CACHE_DESCRIPTIONS),
+    "MLA": ("fp32", "bf16", "fp8", "int8", "int4", "int4 KIVI"),
+}
 
 
 def run_scratch(plan: Plan) -> list[dict]:
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     datasets = build_datasets(tokenizer, BLOCK_SIZE, plan.windows)
-    windows = datasets[1][:]["input_ids"]  # the Trainer's held-out blocks: the same windows for every model
+    windows = datasets[1][:]["input_ids"]  # the demo's held-out blocks: the same windows for every model
     rows = []
     for name, config in scratch_configs(tokenizer).items():
-        print(f"\n== from scratch, {name}: training {plan.train_minutes} min", flush=True)
-        model, details = train_scratch(config, datasets, plan)
-        kinds = ("fp32", "bf16", "fp8", "int8", "int4") if name == "GQA" else ("fp32",)
+        print(f"\n== from scratch, {name}: training {plan.train_steps} steps", flush=True)
+        model, details = train_scratch(config, datasets[0], plan)
+        kinds = SCRATCH_KINDS.get(name, ("fp32",))
         rows += cache_rows(model, "scratch", name, windows, kinds, plan, "fp32" if name == "GQA" else None, details)
     return rows
 
@@ -346,6 +470,8 @@ def markdown_report(rows: list[dict], plan: Plan, machine: dict, seconds: float,
                      f"{row['perplexity_change_percent']:+.2f}% |")  # fmt: skip
     lines += ["", *verdict(rows), "", "## Setup", ""]
     scored = {row["family"]: row["scored_tokens"] for row in rows}
+    trained = {row["model"]: row["train_seconds"] for row in rows if "train_seconds" in row}
+    train_times = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in trained.items())
     windows = [f"{plan.smollm2_windows} for SmolLM2 (its own tokenizer)"] if plan.smollm2 else []
     windows.append(f"{plan.windows} for the from-scratch models (the shipped 8192-token tokenizer; the Trainer's "
                    "held-out blocks)")  # fmt: skip
@@ -361,18 +487,24 @@ def markdown_report(rows: list[dict], plan: Plan, machine: dict, seconds: float,
         "full-precision window and the filled cache is all quantised; fp8 keeps the per-tensor scale the prefill "
         "calibrated (transformers' design) and quantises the new tokens too.",
         "- bytes/token: `bench.kv_cache.cache_bytes` (every distinct buffer the cache layers hold: packed integers, "
-        "HQQ scales and zero-points, residual window) of the filled cache / (windows x tokens). HQQ groups: one per "
-        "head and token (`axis=1`, `q_group_size=head_dim`), fp32 scale and zero-point each, so int4 is 0.5 + 8 / "
-        "head_dim bytes per number.",
+        "HQQ scales and zero-points, residual window) of the filled cache / (windows x tokens). HQQ groups (fp32 "
+        "scale and zero-point each, so int4 is 0.5 + 8 / group bytes per number): `a group per head` = the channels "
+        "of one head and token (`axis=1`, `q_group_size=head_dim`; for MLA 8 channels, the largest group dividing "
+        "its latent 24 and rotary 8); `groups of 32/16 channels` = smaller `axis=1` groups; `KIVI` = keys grouped "
+        f"per channel over {plan.chunk_tokens} tokens (`KiviKeysHQQLayer`: HQQ's own `axis=0` takes elements "
+        "numel / group apart, mixing heads and sequences, so the keys are quantised transposed), values a group per "
+        "head and token. groups of 32/16 do not divide MLA's rotary width 8, so MLA has no such rows.",
         "- bf16 storage: `Bf16StorageLayer`, a `DynamicLayer` holding bfloat16 and returning it upcast (the model "
         "computes in fp32).",
         f"- From scratch: the demo's small AGILLM (hidden 128, 4 layers, SwiGLU 352, tied embeddings, AR head), "
         f"8 query heads; MHA 8 key/value heads of 32, GQA 2, MLA latent 24 + rotary 8, KV sharing: odd layers read "
-        f"the previous layer's K/V. Each trained by the demo's `Trainer` setup (`demo.pretrain_shakespeare.train`: "
-        f"AdamW, peak lr {TrainingPlan.learning_rate:g}, warmup + cosine over a wall-clock budget of "
-        f"{plan.train_minutes:g} min, batch {TrainingPlan.batch_size} x {BLOCK_SIZE}). Their perplexity changes "
-        "compare different models trained for the same time (architecture and steps taken both count), not one "
-        "model's cache.",
+        f"the previous layer's K/V. Each trained for the same {plan.train_steps} `Trainer` steps with the demo's "
+        f"optimizer settings (AdamW, peak lr {TrainingPlan.learning_rate:g}, weight decay "
+        f"{TrainingPlan.weight_decay:g}, clipping {TrainingPlan.max_grad_norm:g}, warmup "
+        f"{TrainingPlan.warmup_fraction:.0%} then cosine, batch {TrainingPlan.batch_size} x {BLOCK_SIZE}), seed "
+        f"{plan.seed}: the same batches in the same order. Training time per model: {train_times}. Their "
+        "perplexity changes compare different architectures at the same steps and tokens; at this short budget "
+        "they say which learns faster, not which ends better.",
     ]
     if plan.smollm2_shared:
         lines.append("- SmolLM2 `KV shared, NOT retrained`: the converted weights with `kv_source_layers` sharing every "
@@ -386,8 +518,9 @@ def markdown_report(rows: list[dict], plan: Plan, machine: dict, seconds: float,
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench kv_table", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="6 s of training per model, 4 windows, no SmolLM2")
-    parser.add_argument("--train-minutes", type=float, default=None, help="per from-scratch model (default 2)")
+    parser.add_argument("--quick", action="store_true", help="10 training steps per model, 4 windows, no SmolLM2")
+    parser.add_argument("--train-steps", type=int, default=None,
+                        help=f"optimizer steps per from-scratch model (default {Plan.train_steps})")  # fmt: skip
     parser.add_argument("--windows", type=int, default=None, help="held-out windows, from-scratch models (default 16)")
     parser.add_argument("--smollm2-windows", type=int, default=None, help="held-out windows, SmolLM2 (default 8)")
     parser.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2 rows")
@@ -406,7 +539,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def plan_from_args(args) -> Plan:
     plan = Plan.quick() if args.quick else Plan()
-    overrides = {"train_minutes": args.train_minutes, "windows": args.windows, "smollm2_windows": args.smollm2_windows}
+    overrides = {"train_steps": args.train_steps, "windows": args.windows, "smollm2_windows": args.smollm2_windows}
     for name, value in overrides.items():
         if value is not None:
             setattr(plan, name, value)

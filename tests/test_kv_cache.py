@@ -12,7 +12,9 @@ And the scoring of `bench.kv_table` (perplexity read through a cache):
     - through the fp32 dynamic cache it equals a plain full forward's loss on the same tokens;
     - replaying one prefill's K/V into a cache gives exactly what a prefill forward through that cache gives, for
       every cache kind, and the quantised caches do change the scores;
-    - the bf16-storage layer holds bfloat16 and returns the new states exact.
+    - the bf16-storage layer holds bfloat16 and returns the new states exact;
+    - the KIVI layer groups keys per channel over tokens (within half a step of that range), values per token, and
+      rejects flushes that are not whole token groups; HQQ groups that do not divide the cached widths (MLA) raise.
 """
 
 import pytest
@@ -25,6 +27,7 @@ from bench.kv_cache import cache_bytes, cache_bytes_per_token
 from bench.kv_table import (
     CACHE_DESCRIPTIONS,
     Bf16StorageLayer,
+    KiviKeysHQQLayer,
     Plan,
     exact_prefix_cache,
     make_cache,
@@ -271,9 +274,20 @@ def test_scoring_through_the_dynamic_cache_equals_a_full_forward(model, windows)
     assert result["bytes_per_token"] == expected_dynamic_bytes(model.config, WINDOW_TOKENS) / (BATCH * WINDOW_TOKENS)
 
 
-@pytest.mark.parametrize("kind", list(CACHE_DESCRIPTIONS))
-def test_replayed_prefix_equals_a_prefill_forward(model, windows, kind):
+# head_dim 32, so the channel groups of 32 and 16 divide it (the tiny default's head_dim is 8)
+WIDE_HEADS = {"hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32}
+MLA = {"num_key_value_heads": 4, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8}
+
+
+# MLA caches a latent and a rotary key instead of heads: the kinds whose layout depends on that (groups of 8 channels
+# across both parts, KIVI's transposed keys); groups of 32 / 16 do not divide the rotary width, and the bench skips them.
+REPLAY_CASES = [("gqa", kind) for kind in CACHE_DESCRIPTIONS] + [("mla", kind) for kind in ("fp32", "int4", "int4 KIVI")]
+
+
+@pytest.mark.parametrize(("attention", "kind"), REPLAY_CASES)
+def test_replayed_prefix_equals_a_prefill_forward(make_model, windows, kind, attention):
     """One prefill serves every cache kind in the bench: it must leave each cache as a forward through it would."""
+    model = make_model(seed=0, initializer_range=INIT_STD, **(MLA if attention == "mla" else WIDE_HEADS))
     exact_prefix = exact_prefix_cache(model, windows, PREFIX_TOKENS)
     replayed = replay_prefix(exact_prefix, make_cache(kind, model.config, residual_length=CHUNK_TOKENS))
     forwarded = prefilled_by_forward(model, windows, make_cache(kind, model.config, residual_length=CHUNK_TOKENS))
@@ -307,3 +321,33 @@ def test_kv_table_rejects_bad_settings(make_config):
         Plan(prefix_tokens=256).check()
     with pytest.raises(ValueError, match="expected the 8-token prefix"):
         score_continuation(None, torch.zeros(1, 16, dtype=torch.long), DynamicCache(config=make_config()), 8, 4)
+
+
+def test_kivi_layer_groups_keys_per_channel_over_tokens():
+    """Keys: one group per (sequence, head, channel) and `token_group` tokens, so a channel with 100x the range of
+    the others (a KIVI-style outlier channel) does not coarsen them; values: one group per head and token."""
+    token_group, channels = 4, 8
+    layer = KiviKeysHQQLayer(token_group=token_group, nbits=4, q_group_size=channels, residual_length=token_group)
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(2, 2, 8, channels, generator=generator)
+    keys[..., 0] *= 100  # the outlier channel
+    values = torch.randn(2, 2, 8, channels, generator=generator)
+    layer.update(keys, values)
+    packed_keys, key_meta = layer._quantized_keys
+    assert key_meta["shape"] == (2, 2, channels, 8)  # quantised transposed: tokens last
+    dequantized = layer._dequantize(layer._quantized_keys)
+    grouped = keys.unflatten(-2, (-1, token_group))  # [..., token groups, tokens, channels]
+    half_step = (grouped.amax(-2, keepdim=True) - grouped.amin(-2, keepdim=True)) / 15 / 2
+    error = (dequantized.unflatten(-2, (-1, token_group)) - grouped).abs()
+    assert (error <= half_step + 1e-5).all()
+    assert error[..., 1:].max() < 0.2  # the ordinary channels keep their own fine steps, despite the outlier
+    value_error = (layer._dequantize(layer._quantized_values) - values).abs()
+    value_half_step = (values.amax(-1, keepdim=True) - values.amin(-1, keepdim=True)) / 15 / 2
+    assert (value_error <= value_half_step + 1e-5).all()
+    with pytest.raises(ValueError, match="KIVI key groups of 4 tokens need a multiple"):
+        KiviKeysHQQLayer(token_group=token_group, nbits=4, q_group_size=channels).update(keys[..., :6, :], values)
+
+
+def test_hqq_groups_must_divide_the_cached_widths(make_config):
+    with pytest.raises(ValueError, match=r"groups of 16 channels do not divide the cached widths \(16, 8\)"):
+        make_cache("int4 g16", make_config(**MLA), residual_length=4)
