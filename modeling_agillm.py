@@ -822,7 +822,6 @@ class AgillmPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["AgillmDecoderLayer", "AgillmMTPLayer"]
-    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]  # the balancing bias decides choices by small margins
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -868,6 +867,10 @@ class AgillmModel(AgillmPreTrainedModel):
         self.layers = nn.ModuleList(
             [AgillmDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
+        if "sparse" in config.mlp_layer_types and (
+            config.router_type == "sigmoid_group_topk" or config.router_bias_update_rate > 0
+        ):  # DeepSeek-V3's balancing bias decides expert choices by small margins: fp32 in any dtype, as transformers
+            self._keep_in_fp32_modules_strict = ["e_score_correction_bias"]
         if config.num_mtp_layers:  # only AgillmForCausalLM builds (and trains) the MTP modules; elsewhere they are unused
             self._keys_to_ignore_on_load_unexpected = mtp_checkpoint_patterns(config, prefix="")
         self.norm = build_norm(config, config.hidden_size)

@@ -35,7 +35,7 @@ from .config_mapping import ConversionError
 # Rotary tables are recomputed from the config; old `.bin` checkpoints still carry them as buffers.
 IGNORED_SOURCE_KEYS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 TIED_TARGET, TIED_SOURCE = "lm_head.weight", "model.embed_tokens.weight"
-KEPT_IN_FP32 = ("e_score_correction_bias",)  # = AgillmPreTrainedModel._keep_in_fp32_modules_strict
+KEPT_IN_FP32 = ("e_score_correction_bias",)  # = AgillmModel._keep_in_fp32_modules_strict
 # Mixtral checkpoints name the MoE block `block_sparse_moe`; transformers 5.x and AGILLM call it `mlp`.
 MIXTRAL_MOE_BLOCK = re.compile(r"\.block_sparse_moe\.")
 # One expert's matrix in a per-expert checkpoint, e.g. `model.layers.3.mlp.experts.7.w1.weight`.
