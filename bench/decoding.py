@@ -21,7 +21,6 @@ Writes `bench/decoding.md` (table + setup) and `bench/decoding.json`. Usage: `py
 
 import argparse
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,12 +32,11 @@ from transformers import AutoTokenizer, GenerationConfig
 from corpus.shakespeare import HELD_OUT_PLAYS, load_plays
 from modeling_agillm import AgillmForCausalLM
 
+from .cli import REPO_ROOT, bench_parser, parse_bench_args
 from .compare_llama import machine_info
 from .timing import interleaved
 
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
 MODEL_DIR_TEXT = "outputs/agillm-shakespeare"  # where `python -m demo` saves its Shakespeare model
 AR = "AR greedy"
 
@@ -441,27 +439,12 @@ def markdown_report(rows, checks, diagnostics, setup_lines, prompts, quick: bool
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench decoding", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 prompts, 16 new tokens, 1 timed round")
+    parser = bench_parser("decoding", __doc__.splitlines()[0], quick_help="2 prompts, 16 new tokens, 1 timed round")
     parser.add_argument("--model", type=Path, default=REPO_ROOT / MODEL_DIR_TEXT, help=f"default: {MODEL_DIR_TEXT}")
-    parser.add_argument(
-        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: usable CPUs)"
-    )
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 5, 1 with --quick)")
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=None,
-        help="markdown path; the JSON goes next to it (default: bench/decoding.md, or outputs/bench/decoding-quick.md "
-        "with --quick so a quick run never overwrites the reference table)",
-    )
-    args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error("--threads must be >= 1")
+    args = parse_bench_args(parser, "decoding", argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be >= 1")
-    if args.output is None:
-        args.output = REPO_ROOT / "outputs/bench/decoding-quick.md" if args.quick else BENCH_DIR / "decoding.md"
     return args
 
 

@@ -30,7 +30,6 @@ Writes `bench/kv_table.md` and `bench/kv_table.json`. Usage: `python -m bench kv
 import argparse
 import json
 import math
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -48,12 +47,11 @@ from demo.pretrain_shakespeare import BLOCK_SIZE, TrainingPlan, build_datasets, 
 from modeling_agillm import AgillmForCausalLM
 from tokenizer import TOKENIZER_DIR
 
+from .cli import bench_parser, parse_bench_args
 from .compare_llama import machine_info
 from .kv_cache import cache_bytes_per_token
 
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
 TARGET_RATIO = 4.0  # at least 4x fewer bytes than the model family's own GQA fp32 cache ...
 TARGET_PPL_INCREASE = 2.0  # ... at most 2% more held-out perplexity (issue 4)
 
@@ -517,24 +515,16 @@ def markdown_report(rows: list[dict], plan: Plan, machine: dict, seconds: float,
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench kv_table", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="10 training steps per model, 4 windows, no SmolLM2")
+    parser = bench_parser(
+        "kv_table", __doc__.splitlines()[0], quick_help="10 training steps per model, 4 windows, no SmolLM2"
+    )
     parser.add_argument("--train-steps", type=int, default=None,
                         help=f"optimizer steps per from-scratch model (default {Plan.train_steps})")  # fmt: skip
     parser.add_argument("--windows", type=int, default=None, help="held-out windows, from-scratch models (default 16)")
     parser.add_argument("--smollm2-windows", type=int, default=None, help="held-out windows, SmolLM2 (default 8)")
     parser.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2 rows")
     parser.add_argument("--smollm2-shared", action="store_true", help="add the untrained KV-shared SmolLM2 row")
-    parser.add_argument(
-        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: usable CPUs)"
-    )
-    parser.add_argument("--output", type=Path, default=None,
-                        help="markdown path, JSON next to it (default bench/kv_table.md; outputs/bench/kv_table-quick.md "
-                             "with --quick)")  # fmt: skip
-    args = parser.parse_args(argv)
-    if args.output is None:
-        args.output = REPO_ROOT / "outputs/bench/kv_table-quick.md" if args.quick else BENCH_DIR / "kv_table.md"
-    return args
+    return parse_bench_args(parser, "kv_table", argv)
 
 
 def plan_from_args(args) -> Plan:

@@ -19,19 +19,17 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from convert.converter import build_agillm_model, read_source
 
+from .cli import bench_parser, parse_bench_args
 from .compare_llama import machine_info
 from .timing import interleaved, timed
 
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
 EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
 LOGITS_ATOL = 1e-4  # same-function check before timing
 
@@ -197,23 +195,8 @@ def markdown_report(rows: list[dict], parity: dict, machine: dict, plan: Plan, s
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench moe", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller batch, 2 timed rounds (a smoke run)")
-    parser.add_argument(
-        "--output",
-        type=Path,
-        help="markdown path; the JSON goes next to it (default: bench/moe.md, or outputs/bench/moe-quick.md with "
-        "--quick)",
-    )
-    parser.add_argument(
-        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: usable CPUs)"
-    )
-    args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error("--threads must be >= 1")
-    if args.output is None:
-        args.output = REPO_ROOT / "outputs/bench/moe-quick.md" if args.quick else BENCH_DIR / "moe.md"
-    return args
+    parser = bench_parser("moe", __doc__.split("\n\n")[0], quick_help="smaller batch, 2 timed rounds (a smoke run)")
+    return parse_bench_args(parser, "moe", argv)
 
 
 def main(argv=None) -> dict:

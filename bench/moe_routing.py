@@ -30,7 +30,6 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,11 +40,10 @@ from configuration_agillm import AgillmConfig
 from corpus import python_docs, shakespeare
 from modeling_agillm import AgillmForCausalLM
 
+from .cli import REPO_ROOT, bench_parser, parse_bench_args
 from .compare_llama import machine_info
 
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
 TOKENIZER_DIR = REPO_ROOT / "tokenizer"
 CORPORA = ("shakespeare", "python_docs")
 SCOPES = ("token", "document")
@@ -352,23 +350,8 @@ def markdown_report(results: dict, plan: Plan, machine: dict, seconds: float, qu
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench moe_routing", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few steps and windows (a smoke run)")
-    parser.add_argument(
-        "--output",
-        type=Path,
-        help="markdown path; the JSON goes next to it (default: bench/moe_routing.md, or "
-        "outputs/bench/moe_routing-quick.md with --quick)",
-    )
-    parser.add_argument(
-        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: usable CPUs)"
-    )
-    args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error("--threads must be >= 1")
-    if args.output is None:
-        args.output = REPO_ROOT / "outputs/bench/moe_routing-quick.md" if args.quick else BENCH_DIR / "moe_routing.md"
-    return args
+    parser = bench_parser("moe_routing", __doc__.split("\n\n")[0], quick_help="a few steps and windows (a smoke run)")
+    return parse_bench_args(parser, "moe_routing", argv)
 
 
 def main(argv=None) -> dict:

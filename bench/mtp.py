@@ -23,7 +23,6 @@ Writes `bench/mtp.md` and `bench/mtp.json`. Usage: `python -m bench mtp [--quick
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -37,13 +36,12 @@ from demo.pretrain_shakespeare import TrainingPlan, build_datasets, small_agillm
 from modeling_agillm import AgillmForCausalLM
 from tokenizer import TOKENIZER_DIR
 
+from .cli import bench_parser, parse_bench_args
 from .compare_llama import machine_info
 from .decoding import ForwardCounter, held_out_prompts
 from .timing import interleaved, timed
 
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
 TAU_TARGET = 1.8  # on the from-scratch model (issue 4)
 
 
@@ -306,21 +304,14 @@ def markdown_report(rows: list[dict], plan: Plan, machine: dict, seconds: float,
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench mtp", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="depth 1 only, 20 s of training, no SmolLM2")
+    parser = bench_parser("mtp", __doc__.splitlines()[0], quick_help="depth 1 only, 20 s of training, no SmolLM2")
     parser.add_argument("--train-minutes", type=float, default=None, help="per from-scratch model (default 2.5)")
     parser.add_argument("--depths", type=int, nargs="+", default=None, help="MTP depths of the from-scratch models")
     parser.add_argument("--mtp-loss-weight", type=float, default=None, help="default 0.3")
     parser.add_argument("--smollm2-train-minutes", type=float, default=None, help="default 2.0")
     parser.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2 part")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3)")
-    parser.add_argument(
-        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: usable CPUs)"
-    )
-    parser.add_argument("--output", type=Path, default=None,
-                        help="markdown path, JSON next to it (default bench/mtp.md; outputs/bench/mtp-quick.md with "
-                             "--quick)")  # fmt: skip
-    args = parser.parse_args(argv)
+    args = parse_bench_args(parser, "mtp", argv)
     for name in ("train_minutes", "smollm2_train_minutes", "mtp_loss_weight"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
@@ -328,8 +319,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--depths must be >= 1")
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be >= 1")
-    if args.output is None:
-        args.output = REPO_ROOT / "outputs/bench/mtp-quick.md" if args.quick else BENCH_DIR / "mtp.md"
     return args
 
 
