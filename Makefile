@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: setup demo test bench bench-decoding data
+.PHONY: setup demo test bench bench-decoding data data-multimodal
 
 setup: .venv/.agillm-installed
 
@@ -31,3 +31,9 @@ bench-decoding: setup
 # fetched from the package registry with apt-get download + dpkg -x into .cache/ (no root); a no-op once there.
 data: setup
 	$(PY) -m corpus.python_docs
+
+# Multimodal data (issue #5): Twemoji PNGs from npm `emoji-datasource-twitter` and Asterisk's recorded English prompts
+# from Debian, fetched once into .cache/ (npm pack, apt-get download + dpkg -x; no root). Not part of setup or CI.
+data-multimodal: setup
+	$(PY) -m corpus.images
+	$(PY) -m corpus.speech
