@@ -473,6 +473,11 @@ class AgillmConfig(PreTrainedConfig):
         return self.kv_source_layers[layer_idx] if layer_idx < self.num_hidden_layers else layer_idx
 
     @property
+    def shares_kv(self) -> bool:
+        """Whether some layer attends over an earlier layer's keys and values (`kv_source_layers`)."""
+        return any(source != layer for layer, source in enumerate(self.kv_source_layers))
+
+    @property
     def is_mla(self) -> bool:
         return self.kv_lora_rank is not None
 

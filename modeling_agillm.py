@@ -473,6 +473,24 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def attend(module: nn.Module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the configured backend (`config._attn_implementation`) with the module's scale, dropout and window."""
+    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+        module.config._attn_implementation, eager_attention_forward
+    )
+    return attention_interface(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=0.0 if not module.training else module.attention_dropout,
+        scaling=module.scaling,
+        sliding_window=module.sliding_window,
+        **kwargs,
+    )
+
+
 def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama 4's query/key norm: RMS normalisation without a weight, computed in fp32."""
     x32 = x.float()
@@ -580,20 +598,7 @@ class AgillmAttention(nn.Module):
             if self.stores_shared_kv:
                 shared_kv_states[self.layer_idx] = key_states, value_states
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            sliding_window=self.sliding_window,
-            **kwargs,
-        )
+        attn_output, attn_weights = attend(self, query_states, key_states, value_states, attention_mask, **kwargs)
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
 
@@ -705,20 +710,7 @@ class AgillmMLAttention(nn.Module):
 
     def _attend(self, query, key, value, attention_mask, num_key_value_groups: int, **kwargs):
         self.num_key_value_groups = num_key_value_groups  # read by the attention backends to repeat K/V heads
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        return attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            sliding_window=self.sliding_window,
-            **kwargs,
-        )
+        return attend(self, query, key, value, attention_mask, **kwargs)
 
     def _expanded(self, query_nope, query_rot, latent, key_rot, attention_mask, **kwargs):
         """Per-head keys `[k_nope ; k_rot]` and values from every cached latent (training and prefill)."""
@@ -1041,7 +1033,7 @@ class AgillmModel(AgillmPreTrainedModel):
             document_routing = DocumentRouting.build(
                 self.config, attention_mask, position_ids, past_key_values, *inputs_embeds.shape[:2]
             )
-        if self.config.kv_source_layers != list(range(self.config.num_hidden_layers)):
+        if self.config.shares_kv:
             kwargs["shared_kv_states"] = {}  # source layer index -> its (cached) K/V, read by the sharing layers
 
         hidden_states = inputs_embeds
@@ -1104,8 +1096,8 @@ def router_losses(
     if attention_mask is None:
         weights = torch.ones(logits.shape[0], device=logits.device)
     else:
-        tokens = router_logits[0].shape[0]
-        weights = attention_mask[:, -tokens // attention_mask.shape[0]:].reshape(-1).float().repeat(len(router_logits))
+        seq_len = router_logits[0].shape[0] // attention_mask.shape[0]  # the routers saw the last seq_len positions
+        weights = attention_mask[:, -seq_len:].reshape(-1).float().repeat(len(router_logits))
     total = weights.sum().clamp(min=1.0)
     tokens_per_expert = (chosen * weights[:, None, None]).sum(dim=0) / total
     prob_per_expert = (probs * weights[:, None]).sum(dim=0) / total
