@@ -10,6 +10,7 @@ from statistics import NormalDist
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_rope_utils import RopeParameters
 
 
@@ -79,7 +80,183 @@ AGILLM_AUTO_MAP = {
     "AutoModelForSequenceClassification": "modeling_agillm.AgillmForSequenceClassification",
     "AutoModelForTokenClassification": "modeling_agillm.AgillmForTokenClassification",
     "AutoModelForQuestionAnswering": "modeling_agillm.AgillmForQuestionAnswering",
+    "AutoModelForImageTextToText": "modeling_agillm.AgillmForConditionalGeneration",
+    "AutoModelForMultimodalLM": "modeling_agillm.AgillmForConditionalGeneration",
 }
+
+
+# ------------------------------------------------------------------------------------------- multimodal towers
+# Each tower has its own small config, held by `AgillmConfig` as an optional sub-config (`None` = no such tower),
+# as transformers' Gemma 4 does for its vision and audio towers.
+
+
+@strict(accept_kwargs=True)
+class AgillmVisionConfig(PreTrainedConfig):
+    r"""
+    The ViT-style image encoder ([`AgillmVisionModel`]): non-overlapping patches -> linear embedding + learned
+    position embedding -> pre-norm transformer encoder (bidirectional) -> final norm. A projector then maps each
+    patch feature into the decoder's width, where it replaces one `<|image|>` placeholder token.
+
+        image_size (`int`): side of the (square) input image in pixels; `AgillmImageProcessor` resizes to it.
+        patch_size (`int`): side of one patch; must divide `image_size`. One image becomes
+            `(image_size // patch_size) ** 2` tokens (`num_image_tokens`).
+        num_channels (`int`): input channels (3: the image processor converts everything to RGB).
+        hidden_size / intermediate_size / num_hidden_layers / num_attention_heads: the encoder's transformer.
+        hidden_act (`str`): MLP activation of the encoder and of the projector.
+        layer_norm_eps (`float`): epsilon of the encoder's LayerNorms.
+        attention_dropout (`float`): dropout on the encoder's attention probabilities (training only).
+        initializer_range (`float`): std of the normal init of the encoder's weights.
+    """
+
+    model_type = "agillm_vision"
+    base_config_key = "vision_config"
+
+    image_size: int = 32
+    patch_size: int = 8
+    num_channels: int = 3
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    attention_dropout: float | int = 0.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        _check_positive(self, "image_size", "patch_size", "num_channels", "hidden_size", "intermediate_size",
+                        "num_hidden_layers", "num_attention_heads")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"patch_size ({self.patch_size}) must divide image_size ({self.image_size}).")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"vision hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                             f"({self.num_attention_heads}).")
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholder tokens (and features) per image."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+@strict(accept_kwargs=True)
+class AgillmAudioConfig(PreTrainedConfig):
+    r"""
+    The speech encoder ([`AgillmAudioModel`]), Whisper-shaped: log-mel frames -> two 1-D convolutions (the second
+    with stride `conv_stride`) -> sinusoidal positions -> pre-norm transformer encoder (bidirectional over the
+    frames that are not padding) -> final norm; then `frames_per_token` consecutive frames are stacked and a
+    projector maps them into the decoder's width, one `<|audio|>` placeholder each.
+    Clip of `n` feature frames -> `ceil(n / (conv_stride * frames_per_token))` audio tokens (`num_audio_tokens`).
+
+        num_mel_bins (`int`): log-mel channels per frame; `AgillmFeatureExtractor.feature_size` must match.
+        conv_kernel_size (`int`): kernel of both convolutions (odd, so `same` padding keeps frames aligned).
+        conv_stride (`int`): stride of the second convolution.
+        frames_per_token (`int`): encoder frames stacked into one decoder token.
+        hidden_size / intermediate_size / num_hidden_layers / num_attention_heads: the encoder's transformer.
+        hidden_act (`str`): activation of the convolutions, the MLPs and the projector.
+        layer_norm_eps (`float`): epsilon of the encoder's LayerNorms.
+        attention_dropout (`float`): dropout on the encoder's attention probabilities (training only).
+        initializer_range (`float`): std of the normal init of the encoder's weights.
+    """
+
+    model_type = "agillm_audio"
+    base_config_key = "audio_config"
+
+    num_mel_bins: int = 80
+    conv_kernel_size: int = 3
+    conv_stride: int = 2
+    frames_per_token: int = 2
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-5
+    attention_dropout: float | int = 0.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        _check_positive(self, "num_mel_bins", "conv_kernel_size", "conv_stride", "frames_per_token", "hidden_size",
+                        "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        if self.conv_kernel_size % 2 == 0:
+            raise ValueError(f"conv_kernel_size must be odd (same padding), got {self.conv_kernel_size}.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"audio hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                             f"({self.num_attention_heads}).")
+
+    @property
+    def frames_per_audio_token(self) -> int:
+        """Log-mel frames behind one audio token (the processor expands `<|audio|>` with the same number)."""
+        return self.conv_stride * self.frames_per_token
+
+    def num_audio_tokens(self, num_frames: int) -> int:
+        return -(-num_frames // self.frames_per_audio_token)
+
+
+@strict(accept_kwargs=True)
+class AgillmVQVAEConfig(PreTrainedConfig):
+    r"""
+    The VQ-VAE image tokenizer ([`AgillmVQVAE`]): a convolutional encoder down to a `latent_size x latent_size`
+    grid, a vector quantiser with a codebook of `num_embeddings` codes, and a decoder back to pixels. Code `c` is
+    token id `AgillmConfig.image_vocab_offset + c` in the decoder's vocabulary, so the decoder can write images.
+
+        image_size (`int`): side of the square input/output image in pixels.
+        num_channels (`int`): image channels (3).
+        hidden_channels (`list[int]`): conv widths per resolution level; each level after the first halves the
+            resolution, so the latent grid has side `image_size // 2 ** (len(hidden_channels) - 1)`.
+        num_res_blocks (`int`): residual blocks per level, in the encoder and in the decoder.
+        embed_dim (`int`): width of a code vector.
+        num_embeddings (`int`): codebook size (= image token ids reserved in the decoder's vocabulary).
+        commitment_cost (`float`): weight of the commitment loss `|z_e - sg(z_q)|^2`.
+        codebook_ema_decay (`float`): the codebook follows an exponential moving average of the encoder outputs
+            assigned to each code (VQ-VAE-2); 0 trains it with the codebook loss `|sg(z_e) - z_q|^2` instead.
+        dead_code_threshold (`float`): a code whose moving-average usage (assignments per training batch) falls
+            below this is restarted on a random encoder output of the current batch; 0 disables restarts.
+        initializer_range (`float`): std of the normal init of the codebook (convolutions keep PyTorch's init).
+    """
+
+    model_type = "agillm_vqvae"
+    base_config_key = "vq_config"
+
+    image_size: int = 32
+    num_channels: int = 3
+    hidden_channels: list[int] | None = None
+    num_res_blocks: int = 1
+    embed_dim: int = 64
+    num_embeddings: int = 512
+    commitment_cost: float = 0.25
+    codebook_ema_decay: float = 0.99
+    dead_code_threshold: float = 1.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        if self.hidden_channels is None:
+            self.hidden_channels = [32, 64, 128]
+        super().__post_init__(**kwargs)
+        _check_positive(self, "image_size", "num_channels", "embed_dim", "num_embeddings")
+        if not self.hidden_channels or any(c <= 0 for c in self.hidden_channels) or self.num_res_blocks < 0:
+            raise ValueError(f"hidden_channels must be positive widths and num_res_blocks >= 0, got "
+                             f"{self.hidden_channels} / {self.num_res_blocks}.")
+        if self.image_size % 2 ** (len(self.hidden_channels) - 1):
+            raise ValueError(f"image_size ({self.image_size}) must be divisible by 2 ** (len(hidden_channels) - 1).")
+        if not 0 <= self.codebook_ema_decay < 1 or self.dead_code_threshold < 0 or self.commitment_cost < 0:
+            raise ValueError("codebook_ema_decay must lie in [0, 1); dead_code_threshold and commitment_cost >= 0.")
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 2 ** (len(self.hidden_channels) - 1)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Tokens one image becomes (a `latent_size x latent_size` grid, row-major)."""
+        return self.latent_size**2
+
+
+def _check_positive(config: PreTrainedConfig, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{type(config).__name__}.{name} must be positive, got {getattr(config, name)}.")
 
 
 @strict(accept_kwargs=True)
@@ -243,6 +420,22 @@ class AgillmConfig(PreTrainedConfig):
             models, as DeepSeek-V3).
         mtp_loss_weight (`float`): weight of the mean MTP loss over depths added to the training loss.
 
+    Multimodal (images and speech in, image tokens out; [`AgillmForConditionalGeneration`]):
+        vision_config (`AgillmVisionConfig` or `dict`, *optional*): the image encoder; `None` = no image input.
+        audio_config (`AgillmAudioConfig` or `dict`, *optional*): the speech encoder; `None` = no audio input.
+        vq_config (`AgillmVQVAEConfig` or `dict`, *optional*): the VQ-VAE image tokenizer; `None` = the model cannot
+            write images.
+        image_token_id / audio_token_id (`int`): placeholder ids (the shipped tokenizer's `<|image|>` = 6 and
+            `<|audio|>` = 9); each placeholder is replaced by one encoder feature.
+        image_start_token_id / image_end_token_id (`int`): `<|image_start|>` (7) / `<|image_end|>` (8), around the
+            placeholders of an input image and around the VQ tokens of a generated one.
+        audio_start_token_id / audio_end_token_id (`int`): `<|audio_start|>` (10) / `<|audio_end|>` (11).
+        image_vocab_offset (`int`, *optional*): token id of VQ code 0; codes take ids
+            `[image_vocab_offset, image_vocab_offset + vq_config.num_embeddings)`. `None` puts them at the end of the
+            vocabulary. Text generation never emits them; `generate_images` emits nothing else.
+        media_bidirectional_attention (`bool`): the placeholder tokens of one image (or one audio clip) attend to
+            each other both ways, not only causally (the rest of the sequence stays causal).
+
     Embeddings, init, generation:
         tie_word_embeddings (`bool`): the LM head (and every other head projection) shares the input
             embedding matrix.
@@ -252,6 +445,11 @@ class AgillmConfig(PreTrainedConfig):
     """
 
     model_type = "agillm"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AgillmVisionConfig, optional=True),
+        "audio_config": SubConfigSpec(config_class=AgillmAudioConfig, optional=True),
+        "vq_config": SubConfigSpec(config_class=AgillmVQVAEConfig, optional=True),
+    }
     keys_to_ignore_at_inference = ["past_key_values"]
     # Tensor-parallel plan of `AgillmModel`: column-split q/k/v and gate/up, row-split o and down, as Llama.
     base_model_tp_plan = {
@@ -343,6 +541,18 @@ class AgillmConfig(PreTrainedConfig):
     mtp_mlp_layer_types: list[str] | None = None
     mtp_loss_weight: float | int = 0.3
 
+    vision_config: dict | PreTrainedConfig | None = None
+    audio_config: dict | PreTrainedConfig | None = None
+    vq_config: dict | PreTrainedConfig | None = None
+    image_token_id: int = 6
+    image_start_token_id: int = 7
+    image_end_token_id: int = 8
+    audio_token_id: int = 9
+    audio_start_token_id: int = 10
+    audio_end_token_id: int = 11
+    image_vocab_offset: int | None = None
+    media_bidirectional_attention: bool = True
+
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
     use_cache: bool = True
@@ -387,7 +597,9 @@ class AgillmConfig(PreTrainedConfig):
             self.objective_weights = {head: 1.0 for head in self.heads}
         self.base_model_tp_plan = self._tp_plan_for_modules()
         self.base_model_ep_plan = self._ep_plan_for_modules()
-        super().__post_init__(**kwargs)
+        super().__post_init__(**kwargs)  # builds the sub-configs from dicts
+        if self.vq_config is not None and self.image_vocab_offset is None:
+            self.image_vocab_offset = self.vocab_size - self.vq_config.num_embeddings
         if getattr(self, "auto_map", None) is None:  # a loaded config keeps its own (it may carry a Hub repo prefix)
             self.auto_map = dict(AGILLM_AUTO_MAP)
         self._check_agillm_fields()
@@ -444,6 +656,7 @@ class AgillmConfig(PreTrainedConfig):
         self._check_mtp()
         self._check_heads()
         self._check_diffusion_blocks()
+        self._check_multimodal()
         try:  # transformers' own check; a missing key surfaces as KeyError there
             self.validate_rope()
         except KeyError as error:
@@ -792,5 +1005,37 @@ class AgillmConfig(PreTrainedConfig):
     def uses_rope(self) -> bool:
         return self.position_embedding_type == "rope"
 
+    @property
+    def is_multimodal(self) -> bool:
+        return any(c is not None for c in (self.vision_config, self.audio_config, self.vq_config))
 
-__all__ = ["AgillmConfig"]
+    @property
+    def image_token_range(self) -> range:
+        """Token ids of the VQ codes (empty without a VQ-VAE)."""
+        if self.vq_config is None:
+            return range(0)
+        return range(self.image_vocab_offset, self.image_vocab_offset + self.vq_config.num_embeddings)
+
+    def _check_multimodal(self) -> None:
+        if not self.is_multimodal:
+            return
+        special = ("image_token_id", "image_start_token_id", "image_end_token_id", "audio_token_id",
+                   "audio_start_token_id", "audio_end_token_id")
+        for name in special:
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(f"{name}={getattr(self, name)} is not a token id (vocab_size={self.vocab_size}).")
+        if self.vq_config is None:
+            return
+        codes = self.image_token_range
+        if codes.start < 0 or codes.stop > self.vocab_size:
+            raise ValueError(
+                f"The {self.vq_config.num_embeddings} VQ codes need ids [{codes.start}, {codes.stop}) inside the "
+                f"vocabulary (vocab_size={self.vocab_size}): enlarge vocab_size or move image_vocab_offset."
+            )
+        clashing = [name for name in special + ("pad_token_id", "bos_token_id", "nat_mask_token_id")
+                    if getattr(self, name) in codes]
+        if clashing:
+            raise ValueError(f"Special token(s) {clashing} fall inside the VQ code ids [{codes.start}, {codes.stop}).")
+
+
+__all__ = ["AgillmAudioConfig", "AgillmConfig", "AgillmVQVAEConfig", "AgillmVisionConfig"]

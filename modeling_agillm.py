@@ -7,10 +7,15 @@ A layer's attention is `AgillmAttention` (MHA/GQA/MQA, optionally reusing an ear
 `AgillmMLAttention` (DeepSeek's latent attention); its MLP is dense or an `AgillmSparseMoeBlock` (router + experts).
 `AgillmForCausalLM` adds the heads (AR, SAT, NAT) and, after the last decoder layer, DeepSeek-V3-style MTP modules.
 
+Multimodal configs add towers to the trunk (`vision_tower` ViT, `audio_tower` log-mel conv + encoder, each with a
+projector; `vqmodel`, the VQ-VAE image tokenizer of `vqvae_agillm.py`): `AgillmModel.merge_media` puts their
+features in place of the `<|image|>` / `<|audio|>` placeholders, whose runs attend to themselves both ways.
+`AgillmForConditionalGeneration` reads images and speech and writes text, or VQ image tokens (`generate_images`).
+
 Attention goes through transformers' `ALL_ATTENTION_FUNCTIONS` (eager / sdpa / flex / flash, plus anything
 `kernels/` registers), masks come from `masking_utils` (one mask per layer type: full, sliding, chunked), and the
 KV cache is a transformers `Cache` whose per-layer kind follows `config.layer_types`. Only sibling files imported
-as `from .x import y` travel with a saved model, so this file depends on nothing from this repo but its config.
+as `from .x import y` travel with a saved model, so this file depends on nothing from this repo but its siblings.
 """
 
 from collections.abc import Callable
@@ -24,7 +29,12 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin
+from transformers.generation import (
+    GenerationMixin,
+    LogitsProcessorList,
+    PrefixConstrainedLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+)
 from transformers.integrations import use_experts_implementation, use_kernel_forward_from_hub, use_kernelized_func
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS,
@@ -39,7 +49,7 @@ from transformers.modeling_layers import (
     GenericForTokenClassification,
     GradientCheckpointingLayer,
 )
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
@@ -49,13 +59,15 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 
 try:  # a saved model folder (remote code): sibling modules of the same package
-    from .configuration_agillm import AgillmConfig
+    from .configuration_agillm import AgillmAudioConfig, AgillmConfig, AgillmVisionConfig
     from .diffusion_blocks_agillm import DiffusionBlocksState, diffusion_blocks_training_step, diffusion_euler_generate
     from .generation_agillm import GENERATION_MODES, agillm_generate
+    from .vqvae_agillm import AgillmVQVAE
 except ImportError:  # this repository, imported as top-level modules
-    from configuration_agillm import AgillmConfig
+    from configuration_agillm import AgillmAudioConfig, AgillmConfig, AgillmVisionConfig
     from diffusion_blocks_agillm import DiffusionBlocksState, diffusion_blocks_training_step, diffusion_euler_generate
     from generation_agillm import GENERATION_MODES, agillm_generate
+    from vqvae_agillm import AgillmVQVAE
 
 
 logger = logging.get_logger(__name__)
@@ -813,7 +825,7 @@ class AgillmPreTrainedModel(PreTrainedModel):
     config: AgillmConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["AgillmDecoderLayer", "AgillmMTPLayer"]
+    _no_split_modules = ["AgillmDecoderLayer", "AgillmMTPLayer", "AgillmEncoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -842,6 +854,204 @@ class AgillmPreTrainedModel(PreTrainedModel):
                     init.normal_(parameter, mean=0.0, std=std)
 
 
+# ----------------------------------------------------------------------------------- image and speech encoders
+# Both towers are small pre-norm transformer encoders (bidirectional attention through the same backends as the
+# decoder) whose outputs a projector maps into the decoder's width; `AgillmModel` puts one projected feature in
+# place of each `<|image|>` / `<|audio|>` placeholder token. Module names (`blocks.N.attn`) differ from the
+# decoder's (`layers.N.self_attn`) so the decoder's tensor-parallel plan never matches an encoder weight.
+
+
+class AgillmEncoderAttention(nn.Module):
+    """Multi-head attention without a causal mask; `attention_mask` only hides padding (audio frames)."""
+
+    def __init__(self, config, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.config = config  # `attend` reads the backend from it (transformers sets it on every sub-config)
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.sliding_window = None
+        self.num_key_value_groups = 1
+        self.is_causal = False
+        self.q_proj = nn.Linear(hidden_size, hidden_size)
+        self.k_proj = nn.Linear(hidden_size, hidden_size)
+        self.v_proj = nn.Linear(hidden_size, hidden_size)
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        shape = (*hidden_states.shape[:-1], self.num_heads, self.head_dim)
+        query, key, value = (
+            proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        attn_output, attn_weights = attend(self, query, key, value, attention_mask, is_causal=False, **kwargs)
+        return self.out_proj(attn_output.reshape(*hidden_states.shape[:-1], -1)), attn_weights
+
+
+class AgillmEncoderLayer(GradientCheckpointingLayer):
+    """Pre-LayerNorm transformer block (ViT / Whisper encoder layout): attention, then a GELU MLP."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = AgillmEncoderAttention(config, config.hidden_size, config.num_attention_heads)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        hidden_states = hidden_states + self.attn(self.norm1(hidden_states), attention_mask, **kwargs)[0]
+        return hidden_states + self.fc2(self.act(self.fc1(self.norm2(hidden_states))))
+
+
+class AgillmMultimodalProjector(nn.Module):
+    """Encoder features -> decoder width: Linear, activation, Linear (LLaVA's projector)."""
+
+    def __init__(self, in_features: int, out_features: int, hidden_act: str):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, out_features)
+        self.act = ACT2FN[hidden_act]
+        self.linear_2 = nn.Linear(out_features, out_features)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(features)))
+
+
+@dataclass
+class AgillmMediaFeaturesOutput(BaseModelOutputWithPooling):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(items, positions, encoder_hidden_size)`): the encoder's output.
+    pooler_output (`torch.FloatTensor` of shape `(items, tokens, hidden_size)`, *optional*): the projected features,
+        one per placeholder token (set by `get_image_features` / `get_audio_features`).
+    feature_mask (`torch.BoolTensor`, *optional*): which positions of `last_hidden_state` (from the encoder) or rows
+        of `pooler_output` (from `get_audio_features`) are real; audio clips are padded to a common length.
+    """
+
+    feature_mask: torch.BoolTensor | None = None
+
+
+ENCODER_RECORDED_OUTPUTS = {
+    "hidden_states": AgillmEncoderLayer,
+    "attentions": OutputRecorder(AgillmEncoderAttention, index=1),
+}
+
+
+class AgillmVisionModel(AgillmPreTrainedModel):
+    """ViT: `patch_size` patches -> conv embedding + learned positions -> encoder blocks -> LayerNorm."""
+
+    config: AgillmVisionConfig
+    main_input_name = "pixel_values"
+    _can_record_outputs = ENCODER_RECORDED_OUTPUTS
+
+    def __init__(self, config: AgillmVisionConfig):
+        super().__init__(config)
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.position_embedding = nn.Embedding(config.num_image_tokens, config.hidden_size)
+        self.blocks = nn.ModuleList([AgillmEncoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> AgillmMediaFeaturesOutput:
+        """`pixel_values` [images, channels, size, size] -> features [images, num_image_tokens, hidden_size]."""
+        expected = (self.config.num_channels, self.config.image_size, self.config.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values must have shape [num_images, {', '.join(map(str, expected))}] (what AgillmImageProcessor "
+                f"returns for this model), got {list(pixel_values.shape)}."
+            )
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        hidden_states = patches.flatten(2).transpose(1, 2) + self.position_embedding.weight
+        for block in self.blocks:
+            hidden_states = block(hidden_states, **kwargs)
+        return AgillmMediaFeaturesOutput(last_hidden_state=self.post_layernorm(hidden_states))
+
+
+def sinusoidal_positions(length: int, channels: int, device=None, dtype=None) -> torch.Tensor:
+    """Whisper's fixed encoder positions: sin/cos at geometric timescales 1 .. 10,000, `[length, channels]`."""
+    log_timescale = math.log(10000) / (channels // 2 - 1)
+    inv_timescales = torch.exp(-log_timescale * torch.arange(channels // 2, device=device, dtype=torch.float32))
+    times = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_timescales[None, :]
+    return torch.cat([times.sin(), times.cos()], dim=1).to(dtype)
+
+
+class AgillmAudioModel(AgillmPreTrainedModel):
+    """Log-mel frames -> conv (stride 1) -> conv (stride `conv_stride`) -> sinusoidal positions -> encoder blocks.
+
+    Padding frames are zeroed before each convolution and hidden from attention, so a clip's features do not depend
+    on how much padding its batch added (a batch equals its items run alone).
+    """
+
+    config: AgillmAudioConfig
+    main_input_name = "input_features"
+    _can_record_outputs = ENCODER_RECORDED_OUTPUTS
+
+    def __init__(self, config: AgillmAudioConfig):
+        super().__init__(config)
+        kernel, padding = config.conv_kernel_size, config.conv_kernel_size // 2
+        self.conv1 = nn.Conv1d(config.num_mel_bins, config.hidden_size, kernel, padding=padding)
+        self.conv2 = nn.Conv1d(config.hidden_size, config.hidden_size, kernel, stride=config.conv_stride, padding=padding)
+        self.act = ACT2FN[config.hidden_act]
+        self.blocks = nn.ModuleList([AgillmEncoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_features: torch.Tensor,
+        feature_attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> AgillmMediaFeaturesOutput:
+        """`input_features` [clips, num_mel_bins, frames] -> features [clips, frames', hidden] and their validity
+        (`feature_mask`), `frames' = ceil(frames / conv_stride)`."""
+        if input_features.dim() != 3 or input_features.shape[1] != self.config.num_mel_bins:
+            raise ValueError(
+                f"input_features must have shape [num_clips, {self.config.num_mel_bins}, num_frames] (log-mel from "
+                f"AgillmFeatureExtractor with feature_size={self.config.num_mel_bins}), got {list(input_features.shape)}."
+            )
+        if feature_attention_mask is None:
+            feature_attention_mask = input_features.new_ones(input_features.shape[0], input_features.shape[2])
+        if feature_attention_mask.shape != (input_features.shape[0], input_features.shape[2]):
+            raise ValueError(
+                f"feature_attention_mask must have shape {[input_features.shape[0], input_features.shape[2]]} "
+                f"(clips, frames), got {list(feature_attention_mask.shape)}."
+            )
+        valid = feature_attention_mask.bool()
+        dtype = self.conv1.weight.dtype
+        hidden = self.act(self.conv1(input_features.to(dtype) * valid[:, None]))
+        hidden = self.act(self.conv2(hidden * valid[:, None]))
+        valid = valid[:, :: self.config.conv_stride]  # output frame t is centred on input frame t * stride
+        hidden = hidden.transpose(1, 2)
+        hidden = hidden + sinusoidal_positions(hidden.shape[1], hidden.shape[2], hidden.device, hidden.dtype)
+        padding_mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=valid)
+        for block in self.blocks:
+            hidden = block(hidden, padding_mask, **kwargs)
+        return AgillmMediaFeaturesOutput(last_hidden_state=self.layer_norm(hidden) * valid[..., None], feature_mask=valid)
+
+
+def stack_frames(features: torch.Tensor, valid: torch.Tensor, frames_per_token: int):
+    """[clips, T, D] -> [clips, ceil(T / k), k * D]: k consecutive frames become one token (zeros past the end)."""
+    clips, length, width = features.shape
+    padded = -(-length // frames_per_token) * frames_per_token
+    features = F.pad(features, (0, 0, 0, padded - length))
+    return features.reshape(clips, padded // frames_per_token, frames_per_token * width), valid[:, ::frames_per_token]
+
+
+def media_block_ids(input_ids: torch.Tensor, media_token_ids: tuple[int, ...], past_length: int) -> torch.Tensor:
+    """Group id of every run of placeholder tokens (one image, one clip) and -1 elsewhere, for `masking_utils`'
+    `block_sequence_ids`: tokens of one group attend to each other both ways. Past (cached) keys get -1."""
+    is_media = torch.isin(input_ids, torch.tensor(media_token_ids, device=input_ids.device))
+    starts = is_media & ~F.pad(is_media[:, :-1], (1, 0), value=False)
+    group_ids = torch.where(is_media, starts.long().cumsum(-1) - 1, -1)
+    return F.pad(group_ids, (past_length, 0), value=-1)
+
+
 def mtp_checkpoint_patterns(config: AgillmConfig, prefix: str) -> list[str]:
     """Checkpoint keys of the MTP modules (`layers.{num_hidden_layers + k}.`), for `_keys_to_ignore_on_load_unexpected`."""
     return [rf"{prefix}layers\.{config.num_hidden_layers + k}\." for k in range(config.num_mtp_layers)]
@@ -867,8 +1077,100 @@ class AgillmModel(AgillmPreTrainedModel):
             self._keys_to_ignore_on_load_unexpected = mtp_checkpoint_patterns(config, prefix="")
         self.norm = build_norm(config, config.hidden_size)
         self.rotary_emb = AgillmRotaryEmbedding(config=config)
+        self._build_media_encoders(config)
         self.gradient_checkpointing = False
         self.post_init()
+
+    def _build_media_encoders(self, config: AgillmConfig) -> None:
+        """The towers the config asks for (LLaVA / Chameleon names): each turns its input into decoder-width features."""
+        if config.vision_config is not None:
+            self.vision_tower = AgillmVisionModel(config.vision_config)
+            self.multi_modal_projector = AgillmMultimodalProjector(
+                config.vision_config.hidden_size, config.hidden_size, config.vision_config.hidden_act
+            )
+        if config.audio_config is not None:
+            audio = config.audio_config
+            self.audio_tower = AgillmAudioModel(audio)
+            self.audio_projector = AgillmMultimodalProjector(
+                audio.frames_per_token * audio.hidden_size, config.hidden_size, audio.hidden_act
+            )
+        if config.vq_config is not None:
+            self.vqmodel = AgillmVQVAE(config.vq_config)
+
+    # ------------------------------------------------------------------------------------------ multimodal input
+
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> AgillmMediaFeaturesOutput:
+        """Images [images, 3, H, W] -> the vision tower's output, with `pooler_output` the decoder-width features
+        [images, num_image_tokens, hidden_size], one per `<|image|>` placeholder."""
+        if not hasattr(self, "vision_tower"):
+            raise ValueError("This model has no image encoder (config.vision_config is None); it cannot take pixel_values.")
+        outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
+        outputs.pooler_output = self.multi_modal_projector(outputs.last_hidden_state)
+        return outputs
+
+    @can_return_tuple
+    def get_audio_features(
+        self, input_features: torch.Tensor, feature_attention_mask=None, **kwargs: Unpack[TransformersKwargs]
+    ) -> AgillmMediaFeaturesOutput:
+        """Log-mel clips -> the audio tower's output, with `pooler_output` the decoder-width features [clips, tokens,
+        hidden_size] (`frames_per_token` frames stacked per token) and `feature_mask` marking the real tokens."""
+        if not hasattr(self, "audio_tower"):
+            raise ValueError("This model has no audio encoder (config.audio_config is None); it cannot take "
+                             "input_features.")
+        outputs = self.audio_tower(input_features, feature_attention_mask, return_dict=True, **kwargs)
+        stacked, valid = stack_frames(outputs.last_hidden_state, outputs.feature_mask,
+                                      self.config.audio_config.frames_per_token)
+        outputs.pooler_output, outputs.feature_mask = self.audio_projector(stacked), valid
+        return outputs
+
+    def _placeholder_mask(self, input_ids, token_id: int, features: torch.Tensor | None, name: str) -> torch.Tensor:
+        """Where `features` go; refuses a count mismatch (which would shift every feature) with both numbers."""
+        mask = input_ids == token_id
+        num_placeholders, num_features = int(mask.sum()), 0 if features is None else features.shape[0]
+        if num_placeholders != num_features:
+            raise ValueError(
+                f"input_ids hold {num_placeholders} {name} placeholder tokens (id {token_id}) but the {name} input gives "
+                f"{num_features} features. Build inputs with AgillmProcessor, which expands each placeholder to the "
+                "model's feature count."
+            )
+        return mask
+
+    def merge_media(self, input_ids, inputs_embeds, pixel_values=None, input_features=None, feature_attention_mask=None):
+        """Replace the `<|image|>` / `<|audio|>` placeholder embeddings by the encoders' features (LLaVA's merge)."""
+        config = self.config
+        if config.vision_config is not None or pixel_values is not None:
+            image_features = None
+            if pixel_values is not None:
+                image_features = self.get_image_features(pixel_values).pooler_output.flatten(0, 1)
+            mask = self._placeholder_mask(input_ids, config.image_token_id, image_features, "image")
+            if image_features is not None:
+                inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], image_features.to(inputs_embeds.dtype))
+        if config.audio_config is not None or input_features is not None:
+            audio_features = None
+            if input_features is not None:
+                outputs = self.get_audio_features(input_features, feature_attention_mask)
+                audio_features = outputs.pooler_output[outputs.feature_mask]  # the real tokens, clip after clip
+            mask = self._placeholder_mask(input_ids, config.audio_token_id, audio_features, "audio")
+            if audio_features is not None:
+                inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], audio_features.to(inputs_embeds.dtype))
+        return inputs_embeds
+
+    def _media_block_ids(self, input_ids, past_key_values) -> torch.Tensor | None:
+        """`block_sequence_ids` making each image's (each clip's) placeholders attend both ways, if any are here."""
+        config = self.config
+        media_ids = tuple(
+            token_id for token_id, tower in ((config.image_token_id, config.vision_config),
+                                             (config.audio_token_id, config.audio_config)) if tower is not None
+        )
+        if not (config.media_bidirectional_attention and media_ids) or input_ids is None:
+            return None
+        if torch.compiler.is_compiling() or not torch.isin(input_ids, torch.tensor(media_ids, device=input_ids.device)).any():
+            return None  # decoding steps: text only, plain causal masks
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        return media_block_ids(input_ids, media_ids, past_length)
 
     def _check_token_ids(self, input_ids: torch.Tensor | None) -> None:
         """Out-of-range ids would be an index error on CPU and a device assert on GPU: say what is wrong instead.
@@ -913,21 +1215,28 @@ class AgillmModel(AgillmPreTrainedModel):
             positions = torch.cat([positions, positions[:, -1:] + extra], dim=-1)
         return positions[:, :kv_length]
 
-    def attention_masks(self, objective, inputs_embeds, attention_mask, past_key_values, position_ids) -> dict:
+    def attention_masks(
+        self, objective, inputs_embeds, attention_mask, past_key_values, position_ids, block_sequence_ids=None
+    ) -> dict:
         """The mask of every layer type for `objective`, with ALiBi folded in: what the decoder layers receive.
 
+        `block_sequence_ids` (AR only) lets each image's / clip's placeholder tokens see each other both ways.
         `generate` with a compileable cache passes the masks pre-built (a dict), which are used as they are.
         """
         masks = attention_mask
         if not isinstance(masks, dict):
-            masks = self._objective_masks(objective, inputs_embeds, attention_mask, past_key_values, position_ids)
+            masks = self._objective_masks(
+                objective, inputs_embeds, attention_mask, past_key_values, position_ids, block_sequence_ids
+            )
         if self.config.uses_alibi and not (self.config.position_embedding_type == "agillm_alibi" and objective == "ar"):
             # (AGILLM 4.x's clamped ALiBi is exactly zero on every key a causal query sees, so AR skips it.)
             bias = self._alibi_bias(inputs_embeds, attention_mask, past_key_values, position_ids, masks)
             masks = {kind: add_bias_to_mask(mask, bias) for kind, mask in masks.items()}
         return masks
 
-    def _objective_masks(self, objective, inputs_embeds, attention_mask, past_key_values, position_ids) -> dict:
+    def _objective_masks(
+        self, objective, inputs_embeds, attention_mask, past_key_values, position_ids, block_sequence_ids=None
+    ) -> dict:
         """One mask per layer type for the objective's attention pattern, built by `masking_utils`."""
         config = self.config
         mask_kwargs = {
@@ -946,6 +1255,8 @@ class AgillmModel(AgillmPreTrainedModel):
         mask_kwargs["position_ids"] = position_ids
         if config.uses_alibi:  # the bias is added to the mask, so it must exist even where sdpa could skip it
             mask_kwargs["allow_is_causal_skip"] = False
+        if block_sequence_ids is not None:  # AR with images/audio: their placeholder runs are bidirectional blocks
+            mask_kwargs["block_sequence_ids"] = block_sequence_ids
         if objective != "ar":  # SAT, block NAT: tokens of one block see each other, earlier blocks causally
             block_size = config.sat_block_size if objective == "sat" else config.nat_block_size
             kv_length = self._kv_length(inputs_embeds, attention_mask, past_key_values)
@@ -989,21 +1300,38 @@ class AgillmModel(AgillmPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         objective: str = "ar",
+        pixel_values: torch.FloatTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        feature_attention_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
         r"""
         objective (`str`, *optional*, defaults to `"ar"`):
             Which attention pattern the trunk runs with: `"ar"` (causal), `"sat"` (block-causal over blocks of
             `config.sat_block_size`) or `"nat"` (bidirectional, or block-causal over `config.nat_block_size`).
+        pixel_values (`torch.FloatTensor` of shape `(num_images, 3, image_size, image_size)`, *optional*):
+            Images, in order of their `<|image|>` placeholders over the batch (from `AgillmProcessor`).
+        input_features (`torch.FloatTensor` of shape `(num_clips, num_mel_bins, num_frames)`, *optional*):
+            Log-mel speech clips, in order of their `<|audio|>` placeholders over the batch.
+        feature_attention_mask (`torch.Tensor` of shape `(num_clips, num_frames)`, *optional*):
+            1 for real frames, 0 for padding frames of `input_features`.
         """
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}.")
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        has_media = pixel_values is not None or input_features is not None
+        if has_media and (input_ids is None or objective != "ar"):
+            raise ValueError("pixel_values / input_features need input_ids (their placeholders mark where the features "
+                             "go) and the 'ar' objective.")
 
         if inputs_embeds is None:
             self._check_token_ids(input_ids)
             inputs_embeds = self.embed_tokens(input_ids)
+            if self.config.is_multimodal:
+                inputs_embeds = self.merge_media(
+                    input_ids, inputs_embeds, pixel_values, input_features, feature_attention_mask
+                )
 
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
@@ -1016,8 +1344,9 @@ class AgillmModel(AgillmPreTrainedModel):
         elif position_ids.numel() > 0:
             self._check_last_position(position_ids.max())
 
+        block_sequence_ids = self._media_block_ids(input_ids, past_key_values) if objective == "ar" else None
         mask_per_layer_type = self.attention_masks(
-            objective, inputs_embeds, attention_mask, past_key_values, position_ids
+            objective, inputs_embeds, attention_mask, past_key_values, position_ids, block_sequence_ids
         )
 
         if objective != "ar":
@@ -1526,6 +1855,131 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
             )
 
 
+# --------------------------------------------------------------------------------------------------- multimodal
+
+
+class AgillmForConditionalGeneration(AgillmForCausalLM):
+    """AGILLM that reads images and speech and writes text or images: the AR model over a multimodal trunk.
+
+    Inputs come from `AgillmProcessor`: `<|image|>` / `<|audio|>` placeholders in `input_ids` plus `pixel_values` /
+    `input_features`, merged in `AgillmModel.merge_media`. Text generation never emits VQ image codes;
+    `generate_images` emits nothing else and decodes them to pixels with the VQ-VAE (`config.vq_config`).
+    Works with `pipeline("image-text-to-text")` and `pipeline("any-to-any")` (audio in).
+    """
+
+    _media_inputs = ("pixel_values", "input_features", "feature_attention_mask")
+
+    @can_return_tuple
+    @auto_docstring
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        feature_attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        objective: str | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> AgillmCausalLMOutputWithPast:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(num_images, 3, image_size, image_size)`, *optional*):
+            Images, in order of their `<|image|>` placeholders over the batch (from `AgillmProcessor`).
+        input_features (`torch.FloatTensor` of shape `(num_clips, num_mel_bins, num_frames)`, *optional*):
+            Log-mel speech clips, in order of their `<|audio|>` placeholders over the batch.
+        feature_attention_mask (`torch.Tensor` of shape `(num_clips, num_frames)`, *optional*):
+            1 for real frames, 0 for padding frames of `input_features`.
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Next-token targets as for [`AgillmForCausalLM`]; put -100 on placeholder positions (the processor's
+            `labels` helpers do). Media inputs train and run the AR head only.
+        objective (`str`, *optional*): as [`AgillmForCausalLM`]; with media only `None` / `"ar"`.
+        """
+        media = {"pixel_values": pixel_values, "input_features": input_features,
+                 "feature_attention_mask": feature_attention_mask}
+        media = {name: value for name, value in media.items() if value is not None}
+        if media and (objective not in (None, "ar") or (labels is not None and self._training_objectives() != ["ar"])):
+            raise ValueError("Images and audio run through the AR head only: use objective='ar' and "
+                             "config.objective_weights with only 'ar' when training on media.")
+        return super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+            logits_to_keep=logits_to_keep, objective=objective, **media, **kwargs,
+        )
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    def get_audio_features(self, input_features: torch.Tensor, feature_attention_mask=None, **kwargs) -> torch.Tensor:
+        return self.model.get_audio_features(input_features, feature_attention_mask, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, use_cache=True, is_first_iteration=False, **kwargs):
+        """Images and audio are encoded once, in the prefill; later steps read their keys/values from the cache."""
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, use_cache=use_cache, is_first_iteration=is_first_iteration, **kwargs
+        )
+        if not (is_first_iteration or not use_cache):
+            for name in self._media_inputs:
+                model_inputs.pop(name, None)
+        return model_inputs
+
+    # ---------------------------------------------------------------------------------------------- writing
+
+    def generate(self, *args, logits_processor=None, **kwargs):
+        """Text generation (any `generation_mode` of [`AgillmForCausalLM.generate`]), never emitting VQ codes."""
+        codes = self.config.image_token_range
+        if len(codes) and kwargs.get("generation_mode") in (None, "ar"):
+            logits_processor = LogitsProcessorList(logits_processor or [])
+            logits_processor.append(SuppressTokensLogitsProcessor(list(codes), device=self.device))
+        return super().generate(*args, logits_processor=logits_processor, **kwargs)
+
+    def _vqmodel(self):
+        if self.config.vq_config is None:
+            raise ValueError("This model has no VQ-VAE (config.vq_config is None): it cannot read or write image tokens.")
+        return self.model.vqmodel
+
+    @torch.no_grad()
+    def encode_images_to_tokens(self, pixel_values: torch.Tensor) -> torch.LongTensor:
+        """Images -> their VQ token ids in this model's vocabulary, `[images, vq_config.num_image_tokens]`."""
+        return self._vqmodel().encode(pixel_values) + self.config.image_vocab_offset
+
+    @torch.no_grad()
+    def decode_image_tokens(self, image_token_ids: torch.LongTensor) -> torch.Tensor:
+        """VQ token ids (as `generate_images` writes them) -> pixels in [-1, 1], `[images, 3, size, size]`."""
+        codes = self.config.image_token_range
+        if image_token_ids.numel() and not ((image_token_ids >= codes.start) & (image_token_ids < codes.stop)).all():
+            raise ValueError(f"Image token ids must lie in [{codes.start}, {codes.stop}) (the VQ codes).")
+        return self._vqmodel().decode(image_token_ids - self.config.image_vocab_offset)
+
+    @torch.no_grad()
+    def generate_images(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """Write one image per prompt: `vq_config.num_image_tokens` VQ tokens after `<|image_start|>`, decoded.
+
+        The prompt (e.g. a chat asking for a picture) gets `<|image_start|>` appended where it does not already end
+        with it; every step may pick only VQ codes. Keyword arguments go to `generate` (`do_sample`, `temperature`,
+        `top_k`, ...). Returns `(pixels [B, 3, size, size] in [-1, 1], image token ids [B, num_image_tokens])`.
+        """
+        self._vqmodel()
+        if not (input_ids[:, -1] == self.config.image_start_token_id).all():
+            start = input_ids.new_full((input_ids.shape[0], 1), self.config.image_start_token_id)
+            input_ids = torch.cat([input_ids, start], dim=1)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
+        num_tokens = self.config.vq_config.num_image_tokens
+        allowed = list(self.config.image_token_range)
+        only_codes = PrefixConstrainedLogitsProcessor(lambda batch_id, ids: allowed, num_beams=kwargs.get("num_beams", 1))
+        sequences = GenerationMixin.generate(
+            self, input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=num_tokens,
+            min_new_tokens=num_tokens, logits_processor=LogitsProcessorList([only_codes]), **kwargs,
+        )
+        image_tokens = sequences[:, input_ids.shape[1]:]
+        return self.decode_image_tokens(image_tokens), image_tokens
+
+
 # The task heads reuse transformers' generic forward passes (pooling, losses). Their constructors are spelled out
 # because the generic ones build the trunk with `AutoModel.from_config`, which cannot resolve a remote-code config
 # class without touching the global auto registry.
@@ -1572,6 +2026,7 @@ AgillmForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 AgillmForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 AgillmForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
 AgillmForQuestionAnswering.register_for_auto_class("AutoModelForQuestionAnswering")
+AgillmForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 
 __all__ = [
@@ -1581,4 +2036,5 @@ __all__ = [
     "AgillmForSequenceClassification",
     "AgillmForTokenClassification",
     "AgillmForQuestionAnswering",
+    "AgillmForConditionalGeneration",
 ]

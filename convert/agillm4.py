@@ -33,7 +33,6 @@ Q_h (U Uᵀ) = x ((U Uᵀ) W_q,h)ᵀ.
 
 import logging
 import re
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,6 @@ from accelerate import init_empty_weights
 from transformers import GenerationConfig
 from transformers.utils.logging import tqdm
 
-import processing_agillm
 from configuration_agillm import AgillmConfig
 from modeling_agillm import AgillmForCausalLM
 from processing_agillm import AgillmProcessor
@@ -52,7 +50,7 @@ from .agillm4_container import read_native_checkpoint
 from .agillm4_metadata import native_provenance, restore_tokenizer
 from .atomic import atomic_directory, check_output_dir
 from .config_mapping import ConversionError
-from .converter import _resolve_dtype, _verify_folder
+from .converter import _resolve_dtype, _verify_folder, ship_code_files
 from .model_card import Provenance, write_model_card
 
 
@@ -613,8 +611,7 @@ def _save_folder(model, tokenizer, provenance: Provenance, output_dir: Path, ove
         model.save_pretrained(staging)
         if tokenizer is not None:
             AgillmProcessor(tokenizer=tokenizer).save_pretrained(staging)
-        if not (staging / "processing_agillm.py").is_file():  # shipped even without a tokenizer
-            shutil.copy(processing_agillm.__file__, staging / "processing_agillm.py")
+        ship_code_files(staging)  # the processor's code is shipped even without a tokenizer
         write_model_card(staging, model.config, provenance, model.dtype,
                          has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
                          has_tokenizer=tokenizer is not None)

@@ -52,8 +52,17 @@ REQUIRED_FILES = (
     "generation_agillm.py",
     "diffusion_blocks_agillm.py",
     "processing_agillm.py",
+    "image_processing_agillm.py",
+    "feature_extraction_agillm.py",
     "README.md",
 )
+# Code files shipped beside the ones `save_pretrained` writes (it copies only the saved classes' files and their
+# relative imports): the processor and its image / audio sub-processors, so that a converted folder can be given an
+# `AgillmImageProcessor` / `AgillmFeatureExtractor` later without this repository; and, when this checkout has it,
+# the VQ-VAE image tokenizer of the multimodal model.
+PROCESSOR_CODE_FILES = ("processing_agillm.py", "image_processing_agillm.py", "feature_extraction_agillm.py")
+OPTIONAL_CODE_FILES = ("vqvae_agillm.py",)
+CODE_DIR = Path(processing_agillm.__file__).resolve().parent
 HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -261,6 +270,14 @@ def _verify_folder(folder: Path, weight_names: set[str]) -> None:
         raise RuntimeError(f"Saved weights differ from the model's: {sorted(saved ^ weight_names)[:8]}")
 
 
+def ship_code_files(folder: Path) -> None:
+    """Copy the processor code files (and the optional ones this checkout has) that the folder does not hold yet."""
+    optional = [name for name in OPTIONAL_CODE_FILES if (CODE_DIR / name).is_file()]
+    for name in (*PROCESSOR_CODE_FILES, *optional):
+        if not (folder / name).is_file():
+            shutil.copy(CODE_DIR / name, folder / name)
+
+
 def save_agillm_folder(
     model: AgillmForCausalLM, source: Source, output_dir: Path, max_shard_size, overwrite: bool
 ) -> None:
@@ -273,8 +290,7 @@ def save_agillm_folder(
         if source.tokenizer is not None:
             # Writes the tokenizer files, the chat template and processor_config.json.
             AgillmProcessor(tokenizer=source.tokenizer).save_pretrained(staging)
-        if not (staging / "processing_agillm.py").is_file():  # shipped even without a tokenizer
-            shutil.copy(processing_agillm.__file__, staging / "processing_agillm.py")
+        ship_code_files(staging)  # the processor's code is shipped even without a tokenizer
         has_chat_template = bool(getattr(source.tokenizer, "chat_template", None))
         write_model_card(staging, model.config, source.provenance, model.dtype, has_chat_template)
         _verify_folder(staging, weight_names)

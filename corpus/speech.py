@@ -10,6 +10,15 @@ Where they come from, first match wins:
     2. the repository's cache, `.cache/asterisk-core-sounds-en/` (git-ignored), which `python -m corpus.speech`
        fills without root: `apt-get download` (the package registry) and `dpkg -x`. Afterwards all of it works
        offline. Not part of `make setup`: CI never needs it.
+
+Spoken digits from many voices (`load_spoken_digit_corpus`): Allison's ten recordings (voice "asterisk-allison")
+plus corpus/voices.py's synthetic clips (flite and espeak-ng, 103 voices, two speaking styles each: 2,070 clips in
+all). `spoken_digit_split` holds out whole voices, so accuracy on its test half is accuracy on unseen voices, and
+`spoken_digit_dataset` turns records into a `datasets.Dataset` (arrays read with soundfile: `datasets`' audiofolder
+needs torchcodec, whose wheel here is CUDA-built).
+
+`python -m corpus.speech` (also run by `make data-multimodal`) fetches the recordings and the synthesisers and
+synthesises the clips; a second run finds everything in the cache.
 """
 
 import gzip
@@ -30,6 +39,7 @@ CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / TRANSCRIPT_PACKA
 CACHED_SOUNDS = CACHE_DIR / "sounds"
 CACHED_TRANSCRIPT = CACHE_DIR / TRANSCRIPT_IN_PACKAGE.name
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+RECORDED_VOICE = "asterisk-allison"
 
 
 def data_paths() -> tuple[Path, Path]:
@@ -155,14 +165,128 @@ def load_spoken_digits(sounds_dir: Path | None = None, transcript_path: Path | N
     return digits
 
 
-if __name__ == "__main__":  # `python -m corpus.speech`: the one-time fetch
-    try:
-        sounds, transcript = fetch()
-        prompts = load_prompts()
-        digits = load_spoken_digits()
-    except RuntimeError as error:
-        sys.exit(f"error: {error}")
+def load_spoken_digit_corpus(include_recorded: bool = True) -> list[dict]:
+    """Every spoken digit as {"audio": float32 [samples], "sampling_rate", "digit", "text", "voice", "speaker",
+    "engine", "style"}: the synthetic voices (`corpus.voices.load_synthetic_digits`), then, with `include_recorded`,
+    Allison's recordings (voice and speaker "asterisk-allison", engine "asterisk", style "recorded"). Rates differ by
+    voice (8, 16 or 22.05 kHz); AgillmFeatureExtractor resamples when given `sampling_rate=`."""
+    from corpus import voices  # imported here: corpus.voices itself imports this module
+
+    records = voices.load_synthetic_digits()
+    if include_recorded:
+        for recording in load_spoken_digits():
+            records.append(
+                {
+                    "audio": recording["audio"],
+                    "sampling_rate": recording["sampling_rate"],
+                    "digit": recording["label"],
+                    "text": DIGIT_WORDS[recording["label"]],
+                    "voice": RECORDED_VOICE,
+                    "speaker": RECORDED_VOICE,
+                    "engine": "asterisk",
+                    "style": "recorded",
+                }
+            )
+    return records
+
+
+def held_out_speakers(speakers_by_engine: dict[str, list[str]], held_out_fraction: float, seed: int) -> set[str]:
+    """`round(held_out_fraction * n)` of each engine's n speakers, drawn with `seed`; at least one of every engine
+    that has two or more (so the held-out set mixes engines) and never all of one. An engine with a single speaker
+    (Allison's recordings) stays in training: there is no second speaker of it to learn from."""
+    if not 0 < held_out_fraction < 1:
+        raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}")
+    generator = np.random.default_rng(seed)
+    held_out = set()
+    for engine in sorted(speakers_by_engine):
+        names = sorted(set(speakers_by_engine[engine]))
+        if len(names) < 2:
+            continue
+        count = min(max(round(held_out_fraction * len(names)), 1), len(names) - 1)
+        held_out.update(names[index] for index in generator.permutation(len(names))[:count])
+    return held_out
+
+
+def spoken_digit_split(
+    records: list[dict], held_out_fraction: float = 0.25, seed: int = 0
+) -> tuple[list[dict], list[dict]]:
+    """(train, test) of `records` split by speaker, hence by voice: no voice is in both, so test accuracy is accuracy
+    on unseen voices.
+
+    A record's speaker is its "speaker" (else its "voice"): espeak-ng voices that share a variant (`+m3`) share one,
+    whatever their accent, because they share a timbre and even some sample-identical clips (see
+    `corpus.voices.Voice`); holding out single voices would leak those into the test half. The held-out speakers
+    depend only on the set of speakers, `held_out_fraction` and `seed` (see `held_out_speakers`); with the full
+    corpus and the defaults they are 1 of flite's 5 voices and 4 of espeak-ng's 14 variants (each in all 7 accents),
+    listed by `python -m corpus.speech`; Allison stays in training. Record order is kept within each half.
+    """
+    speakers_by_engine = {}
+    for record in records:
+        speaker = record.get("speaker", record["voice"])
+        speakers_by_engine.setdefault(record.get("engine", speaker), []).append(speaker)
+    held_out = held_out_speakers(speakers_by_engine, held_out_fraction, seed)
+    train = [record for record in records if record.get("speaker", record["voice"]) not in held_out]
+    test = [record for record in records if record.get("speaker", record["voice"]) in held_out]
+    return train, test
+
+
+def spoken_digit_dataset(records: list[dict]):
+    """A `datasets.Dataset` of `records`: "audio" as a float32 list, "digit" as a ClassLabel named by DIGIT_WORDS,
+    "sampling_rate", "text", "voice", "speaker", "engine", "style". `.with_format("numpy")` gives the arrays back."""
+    import pyarrow
+    from datasets import ClassLabel, Dataset, Features, List, Value
+
+    features = Features(
+        {
+            "audio": List(Value("float32")),
+            "sampling_rate": Value("int32"),
+            "digit": ClassLabel(names=list(DIGIT_WORDS)),
+            "text": Value("string"),
+            "voice": Value("string"),
+            "speaker": Value("string"),
+            "engine": Value("string"),
+            "style": Value("string"),
+        }
+    )
+    columns = {name: [record[name] for record in records] for name in features if name != "audio"}
+    # One Arrow list array over all samples: ten times faster than letting `datasets` convert array after array.
+    offsets = np.cumsum([0] + [len(record["audio"]) for record in records], dtype=np.int64)
+    samples = np.concatenate([np.asarray(record["audio"], dtype=np.float32) for record in records] or [[]])
+    columns["audio"] = pyarrow.ListArray.from_arrays(
+        pyarrow.array(offsets.astype(np.int32)), pyarrow.array(samples.astype(np.float32))
+    )
+    return Dataset.from_dict({name: columns[name] for name in features}, features=features)
+
+
+def main() -> None:
+    """`python -m corpus.speech`: the one-time fetch and synthesis, then a summary on stderr."""
+    import time
+
+    from corpus import voices
+
+    sounds, transcript = fetch()
+    prompts = load_prompts()
     minutes = sum(len(prompt["audio"]) / prompt["sampling_rate"] for prompt in prompts) / 60
     rates = sorted({prompt["sampling_rate"] for prompt in prompts})
-    print(f"{len(prompts)} prompts ({minutes:.1f} min of audio at {rates} Hz), {len(digits)} digit recordings, from "
-          f"{sounds}", file=sys.stderr)
+    print(f"{len(prompts)} prompts ({minutes:.1f} min of audio at {rates} Hz) from {sounds}", file=sys.stderr)
+
+    start = time.perf_counter()
+    manifest = voices.synthesize()
+    synthesis_seconds = time.perf_counter() - start
+    records = load_spoken_digit_corpus()
+    train, test = spoken_digit_split(records)
+    held_out = sorted({record["speaker"] for record in test})
+    print(
+        f"{len(records)} spoken digits in {len({record['voice'] for record in records})} voices "
+        f"({synthesis_seconds:.1f} s to synthesise or find {manifest.parent}); split by speaker: {len(train)} clips "
+        f"of {len({record['voice'] for record in train})} voices to train, {len(test)} of "
+        f"{len({record['voice'] for record in test})} to test; held-out speakers: {', '.join(held_out)}",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except RuntimeError as error:
+        sys.exit(f"error: {error}")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from corpus import images, speech
+from corpus import images, speech, voices
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -256,3 +256,240 @@ def test_fetched_speech():
     digits = speech.load_spoken_digits()
     assert [digit["label"] for digit in digits] == list(range(10))
     assert all(0.2 < len(digit["audio"]) / digit["sampling_rate"] < 2.0 for digit in digits)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Spoken digits in many voices (corpus/voices.py): the plumbing on fixtures and fake synthesisers; the real clips and
+# programs when `python -m corpus.speech` has fetched them.
+
+FLITE_LISTING = "Voices available: kal awb_time kal16 awb rms slt \n"
+ESPEAK_LISTING = """Pty Language       Age/Gender VoiceName          File                 Other Languages
+ 2  en-gb           --/M      English_(Great_Britain) gmw/en               (en 2)
+ 3  en-uk           --/M      english-mb-en1     mb/mb-en1            (en-gb 3)(en 2)
+ 2  en-us           --/M      English_(America)  gmw/en-US            (en 3)
+ 9  en              --/F      en-german-1        mb/mb-de1-en
+ 5  en-gb-x-gbclan  --/M      English_(Lancaster) gmw/en-GB-x-gbclan   (en-gb 3)(en 5)
+ 5  en-us-nyc       --/M      English_(America,_New_York_City) gmw/en-US-nyc
+"""
+APT_SIMULATION = """NOTE: This is only a simulation!
+Reading package lists...
+Inst libsonic0 (0.2.0-12 Debian:12.12/stable [amd64])
+Inst espeak-ng (1.51+dfsg-10+deb12u2 Debian:12.12/stable [amd64])
+Conf libsonic0 (0.2.0-12 Debian:12.12/stable [amd64])
+"""
+
+
+def test_voice_plan_covers_both_engines_with_unique_names():
+    plan = voices.voice_plan()
+    names = [voice.name for voice in plan]
+    assert len(names) == len(set(names)) == 5 + 7 * 14
+    assert {voice.engine for voice in plan} == {"flite", "espeak-ng"}
+    assert "flite-awb_time" not in names  # speaks only clock times
+    assert "espeak-en-gb-scotland+f2" in names and "flite-slt" in names
+    assert all(len(voice.styles) == 2 and "normal" in voice.styles for voice in plan)
+
+
+def test_voice_commands():
+    flite, espeak = voices.voice_plan()[0], voices.voice_plan()[-1]
+    assert flite.command("seven", "slow", "out.wav") == (
+        "-voice", "kal", "--setf", "duration_stretch=1.3", "-t", "seven", "-o", "out.wav"
+    )
+    assert espeak.command("two", "slow-low", "out.wav") == (
+        "-v", "en-029+whisper", "-s", "130", "-p", "35", "-w", "out.wav", "two"
+    )
+
+
+def test_parse_synthesiser_listings():
+    assert voices.parse_flite_voices(FLITE_LISTING) == ["kal", "awb_time", "kal16", "awb", "rms", "slt"]
+    with pytest.raises(ValueError, match="printed no 'Voices available:' line"):
+        voices.parse_flite_voices("usage: flite ...")
+    # MBROLA voices (mb/...) need the separate mbrola program: left out. Other languages in brackets count too.
+    assert voices.parse_espeak_voices(ESPEAK_LISTING) == [
+        "en-gb", "en", "en-us", "en", "en-gb-x-gbclan", "en-gb", "en", "en-us-nyc"
+    ]
+    assert voices.parse_simulated_installs(APT_SIMULATION) == ["libsonic0", "espeak-ng"]
+
+
+def test_engine_from_extracted_tree(tmp_path, monkeypatch):
+    monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
+    assert voices.engine_from_tree("espeak-ng", tmp_path) is None
+    libraries = tmp_path / "usr/lib/x86_64-linux-gnu"
+    (libraries / "pulseaudio").mkdir(parents=True)
+    (libraries / "libespeak-ng.so.1").touch()
+    (libraries / "pulseaudio/libpulsecommon-16.1.so").touch()
+    (tmp_path / "usr/bin").mkdir()
+    (tmp_path / "usr/bin/espeak-ng").touch()
+    assert voices.engine_from_tree("espeak-ng", tmp_path) is None  # no espeak-ng-data: it could not speak
+    (libraries / "espeak-ng-data").mkdir()
+    engine = voices.engine_from_tree("espeak-ng", tmp_path)
+    assert engine.executable == str(tmp_path / "usr/bin/espeak-ng")
+    assert engine.env["LD_LIBRARY_PATH"] == f"{libraries}:{libraries / 'pulseaudio'}"
+    assert engine.fixed_args == (f"--path={libraries}",)
+    with pytest.raises(ValueError, match="unknown engine 'festival'"):
+        voices.find_engine("festival")
+
+
+# Writes a 0.2 s tone whose pitch depends on the word, the voice and the style, as flite (-t WORD -o OUT) or
+# espeak-ng (-w OUT WORD) would be called; stdlib only, so that each call starts fast.
+FAKE_SYNTHESISER = """
+import array, math, sys, wave
+args = sys.argv[1:]
+out = args[args.index("-o" if "-o" in args else "-w") + 1]
+word = args[args.index("-t") + 1] if "-t" in args else args[-1]
+pitch = 100 + 10 * len(word) + (50 if "kal" in args else 0) + (25 if "slow" in args else 0)
+samples = array.array("h", (int(8000 * math.sin(2 * math.pi * pitch * n / 8000)) for n in range(1600)))
+with wave.open(out, "wb") as wav:
+    wav.setnchannels(1); wav.setsampwidth(2); wav.setframerate(8000)
+    wav.writeframes(samples.tobytes())
+"""
+
+
+@pytest.fixture
+def fake_synthesis(tmp_path, monkeypatch):
+    """`voices.synthesize` with a two-voice plan and a Python script standing in for both programs."""
+    pytest.importorskip("soundfile")
+    import sys
+
+    fake = voices.Engine("fake", sys.executable, fixed_args=("-c", FAKE_SYNTHESISER))
+    plan = [
+        voices.Voice("flite-kal", "flite", ("-voice", "kal"), {"normal": (), "slow": ("slow",)}, "flite-kal"),
+        voices.Voice("espeak-en-us+m1", "espeak-ng", ("-v", "en-us+m1"), {"normal": ()}, "espeak-ng+m1"),
+    ]
+    monkeypatch.setattr(voices, "fetch_engines", lambda: {"flite": fake, "espeak-ng": fake})
+    monkeypatch.setattr(voices, "voice_plan", lambda: plan)
+    monkeypatch.setattr(voices, "check_voices", lambda engines, planned: None)
+    return tmp_path / "clips"
+
+
+def test_synthesize_writes_clips_and_manifest_once(fake_synthesis, monkeypatch):
+    with pytest.raises(RuntimeError, match=r"no synthetic spoken digits .* run `python -m corpus.speech`"):
+        voices.load_synthetic_digits(fake_synthesis)
+    manifest = voices.synthesize(fake_synthesis, workers=2)
+    assert voices.is_synthesized(fake_synthesis) and manifest == fake_synthesis / "manifest.json"
+    records = voices.load_synthetic_digits(fake_synthesis)
+    assert len(records) == 10 * 3  # kal in two styles, en-us+m1 in one
+    assert [record["text"] for record in records[:10]] == list(speech.DIGIT_WORDS)
+    assert set(records[0]) == {"audio", "sampling_rate", "digit", "text", "voice", "speaker", "engine", "style"}
+    assert (records[0]["voice"], records[0]["engine"], records[0]["style"]) == ("flite-kal", "flite", "normal")
+    assert (records[-1]["voice"], records[-1]["digit"]) == ("espeak-en-us+m1", 9)
+    assert all(record["sampling_rate"] == 8000 and record["audio"].dtype == np.float32 for record in records)
+    assert (fake_synthesis / "flite-kal" / "7-slow.wav").is_file()
+    kal_seven, kal_seven_slow = (records[7]["audio"], records[17]["audio"])
+    assert not np.allclose(kal_seven, kal_seven_slow)  # the style's arguments reached the program
+    # A second call finds the manifest and runs nothing: a failing program would raise.
+    monkeypatch.setattr(voices, "fetch_engines", lambda: pytest.fail("synthesised again"))
+    assert voices.synthesize(fake_synthesis) == manifest
+    # A folder made with another plan is not taken for this one's.
+    fewer_voices = voices.voice_plan()[:1]
+    monkeypatch.setattr(voices, "voice_plan", lambda: fewer_voices)
+    with pytest.raises(RuntimeError, match="holds clips of another voice plan"):
+        voices.synthesize(fake_synthesis)
+
+
+
+def test_failed_synthesis_names_the_voice(tmp_path):
+    import sys
+
+    failing = voices.Engine("espeak-ng", sys.executable, fixed_args=("-c", "import sys; sys.exit('no such voice')"))
+    voice = voices.Voice("espeak-xx+m1", "espeak-ng", ("-v", "xx+m1"), {"normal": ()}, "espeak-ng+m1")
+    with pytest.raises(RuntimeError, match="espeak-ng failed on espeak-xx\\+m1 'three': no such voice"):
+        voices.synthesize_clip(failing, voice, 3, "normal", tmp_path)
+    assert not list(tmp_path.rglob("*.wav"))  # nothing half-written is left to be taken for a clip
+
+
+def _digit_records(speakers_by_engine):
+    """Ten records per voice; `speakers_by_engine` maps engine -> {speaker: [voice, ...]}."""
+    return [
+        {"audio": np.full(80 + digit, digit / 10, np.float32), "sampling_rate": 8000, "digit": digit,
+         "text": speech.DIGIT_WORDS[digit], "voice": voice, "speaker": speaker, "engine": engine, "style": "normal"}
+        for engine, speakers in speakers_by_engine.items() for speaker, names in speakers.items()
+        for voice in names for digit in range(10)
+    ]
+
+
+def test_spoken_digit_split_holds_out_whole_speakers_of_every_engine():
+    espeak = {f"espeak-ng+m{n}": [f"espeak-{accent}+m{n}" for accent in ("en", "en-us")] for n in range(12)}
+    flite = {name: [name] for name in ("flite-a", "flite-b", "flite-c")}
+    allison = {"asterisk-allison": ["asterisk-allison"]}
+    records = _digit_records({"espeak-ng": espeak, "flite": flite, "asterisk": allison})
+    train, test = speech.spoken_digit_split(records)
+    train_voices, test_voices = {r["voice"] for r in train}, {r["voice"] for r in test}
+    assert not train_voices & test_voices and len(train) + len(test) == len(records)
+    test_speakers = {r["speaker"] for r in test}
+    assert not test_speakers & {r["speaker"] for r in train}  # both accents of a variant go to the same half
+    assert len(test_speakers) == 3 + 1 and len(test_voices) == 2 * 3 + 1  # round(0.25 * 12) variants, 1 flite voice
+    assert {r["engine"] for r in test} == {"espeak-ng", "flite"}  # the single recorded voice stays in training
+    assert "asterisk-allison" in train_voices
+    assert [r["digit"] for r in test[:10]] == list(range(10))  # whole voices, in record order
+    # Deterministic for a seed; another seed draws other speakers.
+    assert speech.spoken_digit_split(records)[1] == test
+    assert {r["speaker"] for r in speech.spoken_digit_split(records, seed=1)[1]} != test_speakers
+    assert len({r["speaker"] for r in speech.spoken_digit_split(records, held_out_fraction=0.5)[1]}) == 6 + 2
+    # Without "speaker", each voice is its own speaker.
+    voice_only = [{key: value for key, value in r.items() if key != "speaker"} for r in records]
+    assert len({r["voice"] for r in speech.spoken_digit_split(voice_only)[1]}) == round(0.25 * 24) + 1
+    for fraction in (0, 1, 1.5):
+        with pytest.raises(ValueError, match="held_out_fraction must be in"):
+            speech.spoken_digit_split(records, held_out_fraction=fraction)
+
+
+def test_spoken_digit_dataset_round_trip():
+    records = _digit_records({"flite": {"flite-a": ["flite-a"]}, "espeak-ng": {"espeak-ng+m1": ["espeak-b"]}})
+    dataset = speech.spoken_digit_dataset(records)
+    assert len(dataset) == 20 and dataset.features["digit"].names == list(speech.DIGIT_WORDS)
+    rows = dataset.with_format("numpy")
+    for index in (0, 7, 19):
+        np.testing.assert_array_equal(rows[index]["audio"], records[index]["audio"])
+        assert rows[index]["audio"].dtype == np.float32
+        assert rows[index]["digit"] == records[index]["digit"] and rows[index]["voice"] == records[index]["voice"]
+    assert len(speech.spoken_digit_dataset([])) == 0
+
+
+@pytest.mark.skipif(not voices.is_synthesized() or not _speech_fetched(), reason="spoken digits not synthesised")
+def test_fetched_spoken_digit_corpus():
+    records = speech.load_spoken_digit_corpus()
+    assert len(records) == 10 * (2 * 103 + 1) and len({r["voice"] for r in records}) == 104
+    assert {r["sampling_rate"] for r in records} == {8000, 16000, 22050}
+    for record in records:  # non-silent and about a word long
+        assert np.abs(record["audio"]).max() > 0.05, (record["voice"], record["text"], record["style"])
+        assert 0.3 < len(record["audio"]) / record["sampling_rate"] < 2.0, (record["voice"], record["text"])
+    # Every voice sounds different: no two voices give the same clips (espeak-ng silently drops the variant of
+    # "en-gb+m3", and en-us-nyc says the digits exactly as en-us does: both were left out for this).
+    by_voice = {}
+    for record in records:
+        by_voice.setdefault(record["voice"], []).append(record["audio"].tobytes())
+    assert len({b"".join(clips) for clips in by_voice.values()}) == len(by_voice) == 104
+    # ... and not only by a few samples: a low male and a female voice have different average spectra.
+    def spectrum(voice):
+        audio = next(r["audio"] for r in records if r["voice"] == voice and r["digit"] == 7 and r["style"] == "normal")
+        frames = np.lib.stride_tricks.sliding_window_view(audio, 512)[::256] * np.hanning(512)
+        magnitude = np.abs(np.fft.rfft(frames)).mean(axis=0)
+        return magnitude / np.linalg.norm(magnitude)
+    assert spectrum("espeak-en-us+m3") @ spectrum("espeak-en-us+f2") < 0.95
+    assert spectrum("flite-slt") @ spectrum("flite-rms") < 0.95
+    # The slow styles are slower.
+    lengths = {(r["voice"], r["digit"], r["style"]): len(r["audio"]) for r in records}
+    for (voice, digit, style), length in lengths.items():
+        if style in ("slow", "slow-low"):
+            assert length > 1.1 * lengths[voice, digit, "normal"], (voice, digit)
+
+    train, test = speech.spoken_digit_split(records)
+    assert not {r["voice"] for r in train} & {r["voice"] for r in test}
+    assert len({r["voice"] for r in test}) == 1 + 4 * 7 and {r["engine"] for r in test} == {"flite", "espeak-ng"}
+    # No test clip is a sample-for-sample copy of a training clip (some accents say some digits alike).
+    train_clips = {r["audio"].tobytes() for r in train}
+    assert not [(r["voice"], r["text"]) for r in test if r["audio"].tobytes() in train_clips]
+    assert sorted(np.bincount([r["digit"] for r in test])) == [len(test) // 10] * 10  # every voice says every digit
+
+
+@pytest.mark.skipif(
+    voices.find_engine("flite") is None or voices.find_engine("espeak-ng") is None, reason="synthesisers not fetched"
+)
+def test_fetched_synthesisers_speak(tmp_path):
+    engines = {name: voices.find_engine(name) for name in ("flite", "espeak-ng")}
+    plan = voices.voice_plan()
+    voices.check_voices(engines, plan)
+    for voice in (plan[0], plan[-1]):
+        entry = voices.synthesize_clip(engines[voice.engine], voice, 4, "normal", tmp_path)
+        audio, sampling_rate = speech.read_audio(tmp_path / entry["path"])
+        assert sampling_rate in (8000, 22050) and np.abs(audio).max() > 0.05

@@ -1,6 +1,8 @@
-"""AgillmImageProcessor and AgillmFeatureExtractor: values, input forms, errors, and remote-code loading."""
+"""AgillmImageProcessor, AgillmFeatureExtractor and AgillmProcessor: values, input forms, placeholder expansion,
+chat template, errors, and remote-code loading."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -10,6 +12,7 @@ import torch
 from corpus.images import load_digits
 from feature_extraction_agillm import AgillmFeatureExtractor
 from image_processing_agillm import AgillmImageProcessor
+from processing_agillm import CHAT_TEMPLATE, TEXT_CHAT_TEMPLATE, AgillmProcessor
 from test_integration import run_isolated
 
 
@@ -165,15 +168,261 @@ def test_silence_is_finite_and_bad_audio_errors():
             extractor(audio, sampling_rate=16000)
 
 
+# ------------------------------------------------------------------------------------------------------ processor
+
+IMAGE, IMAGE_START, IMAGE_END, AUDIO, AUDIO_START, AUDIO_END = range(6, 12)  # the shipped tokenizer's ids
+
+
+@pytest.fixture(scope="module")
+def processor(tokenizer):
+    return AgillmProcessor(image_processor=AgillmImageProcessor(), feature_extractor=AgillmFeatureExtractor(),
+                           tokenizer=tokenizer)
+
+
+def token_counts(input_ids, token_id) -> list[int]:
+    return [int(count) for count in (torch.as_tensor(input_ids) == token_id).sum(dim=-1)]
+
+
+def media_blocks(ids: list[int]) -> list[tuple[str, int]]:
+    """[("image" | "audio", placeholders between the start and end tokens), ...] in order; checks contiguity."""
+    blocks, index = [], 0
+    while index < len(ids):
+        start = ids[index]
+        if start in (IMAGE_START, AUDIO_START):
+            placeholder, end = (IMAGE, IMAGE_END) if start == IMAGE_START else (AUDIO, AUDIO_END)
+            length = 0
+            while ids[index + 1 + length] == placeholder:
+                length += 1
+            assert ids[index + 1 + length] == end, f"block at {index} is not closed by its end token"
+            blocks.append(("image" if start == IMAGE_START else "audio", length))
+            index += length + 2
+        else:
+            assert start not in (IMAGE, AUDIO, IMAGE_END, AUDIO_END), f"stray media token {start} at {index}"
+            index += 1
+    return blocks
+
+
+def test_placeholders_expand_to_feature_counts(processor):
+    images = [random_image(seed=1), random_image(20, 30, seed=2)]
+    long_clip, short_clip = sine(500, 1.0, 16000), sine(700, 0.5, 16000)  # 101 and 51 log-mel frames
+    texts = ["A <|image|> then <|audio|> and <|image|>.", "Only speech: <|audio|>"]
+    inputs = processor(text=texts, images=images, audio=[long_clip, short_clip], padding=True, return_tensors="pt")
+
+    # Images: 16 tokens each. Audio: ceil(valid frames / 4), from each clip's own frames, not the padded length.
+    assert inputs.feature_attention_mask.sum(-1).tolist() == [101, 51]
+    unpadded = [ids[mask.bool()].tolist() for ids, mask in zip(inputs.input_ids, inputs.attention_mask)]
+    assert media_blocks(unpadded[0]) == [("image", 16), ("audio", 26), ("image", 16)]
+    assert media_blocks(unpadded[1]) == [("audio", 13)]
+    assert token_counts(inputs.input_ids, IMAGE) == [32, 0] and token_counts(inputs.input_ids, AUDIO) == [26, 13]
+
+    # The media tensors are exactly what the sub-processors make on their own, in order of appearance.
+    torch.testing.assert_close(inputs.pixel_values, AgillmImageProcessor()(images, return_tensors="pt").pixel_values)
+    alone = AgillmFeatureExtractor()([long_clip, short_clip], sampling_rate=16000, return_tensors="pt")
+    torch.testing.assert_close(inputs.input_features, alone.input_features)
+    assert set(inputs) == {"input_ids", "attention_mask", "pixel_values", "input_features", "feature_attention_mask"}
+
+    # Text around the placeholders is untouched.
+    assert processor.decode(unpadded[1], skip_special_tokens=True) == "Only speech: "
+
+
+def test_audio_resampled_from_other_rates(processor):
+    one_second_8k = sine(440, 1.0, 8000)
+    inputs = processor(text="<|audio|>", audio=one_second_8k, sampling_rate=8000, return_tensors="pt")
+    assert token_counts(inputs.input_ids, AUDIO) == [26]  # one second is 101 frames at any input rate
+    expected = AgillmFeatureExtractor()(one_second_8k, sampling_rate=8000, return_tensors="pt").input_features
+    torch.testing.assert_close(inputs.input_features, expected)
+    # A processor with other lengths expands accordingly.
+    custom = AgillmProcessor(image_processor=AgillmImageProcessor(), feature_extractor=AgillmFeatureExtractor(),
+                             tokenizer=processor.tokenizer, image_seq_length=4, audio_frames_per_token=10)
+    inputs = custom(text="<|image|><|audio|>", images=random_image(), audio=sine(440, 0.3, 16000))
+    assert media_blocks(inputs["input_ids"][0]) == [("image", 4), ("audio", 4)]  # 31 frames -> ceil(3.1)
+
+
+def test_text_alone_tokenizes_like_the_tokenizer(processor, tokenizer):
+    text = "To be, or not to be: that is the question."
+    assert processor(text=text)["input_ids"] == tokenizer(text)["input_ids"]
+    batch = processor(text=[text, "Who is there?"], padding=True, return_tensors="pt")
+    expected = tokenizer([text, "Who is there?"], padding=True, return_tensors="pt")
+    assert torch.equal(batch.input_ids, expected.input_ids) and torch.equal(batch.attention_mask,
+                                                                            expected.attention_mask)
+    text_only = AgillmProcessor(tokenizer=tokenizer)
+    assert text_only.image_processor is None and text_only.feature_extractor is None
+    assert text_only(text=text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert text_only.model_input_names == ["input_ids", "attention_mask"]
+    assert processor.model_input_names == ["input_ids", "attention_mask", "pixel_values", "input_features",
+                                           "feature_attention_mask"]
+
+
+def test_left_padding_matches_single_prompts(processor, tokenizer):
+    texts = ["A long prompt about <|image|> with many more words in it", "<|audio|> short"]
+    images, audio = [random_image(seed=3)], [sine(300, 0.2, 16000)]
+    batch = processor(text=texts, images=images, audio=audio, padding=True, padding_side="left", return_tensors="pt")
+    assert tokenizer.padding_side == "right"  # a call argument, not a change of the shared tokenizer
+    first = processor(text=texts[0], images=images, return_tensors="pt")
+    second = processor(text=texts[1], audio=audio, return_tensors="pt")
+    for row, alone in enumerate((first, second)):
+        length = alone.input_ids.shape[1]
+        assert torch.equal(batch.input_ids[row, -length:], alone.input_ids[0])
+        assert batch.attention_mask[row, -length:].all() and not batch.attention_mask[row, :-length].any()
+        assert (batch.input_ids[row, :-length] == tokenizer.pad_token_id).all()
+    assert batch.attention_mask[1, 0] == 0  # the short prompt is the padded one
+
+
+def test_nested_and_flat_media_agree(processor):
+    images = [random_image(seed=seed) for seed in range(3)]
+    clips = [sine(200, 0.1, 16000), sine(400, 0.25, 16000)]
+    texts = ["<|image|> <|audio|>", "<|image|> and <|image|> <|audio|>"]
+    flat = processor(text=texts, images=images, audio=clips, padding=True, return_tensors="pt")
+    nested = processor(text=texts, images=[images[:1], images[1:]], audio=[clips[:1], clips[1:]], padding=True,
+                       return_tensors="pt")
+    assert flat.keys() == nested.keys()
+    for key in flat:
+        torch.testing.assert_close(nested[key], flat[key], msg=key)
+    assert flat.pixel_values.shape[0] == 3 and flat.input_features.shape[0] == 2
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (dict(text="<|image|> <|image|>", images=[random_image()]), "2 <|image|> tokens and 1 images"),
+        (dict(text="no placeholder", images=[random_image()]), "0 <|image|> tokens and 1 images"),
+        (dict(text="<|image|> but nothing"), "tokens in the text but no images"),
+        (dict(text="<|audio|> <|audio|>", audio=[np.zeros(1600)]), "2 <|audio|> tokens and 1 audio"),
+        (dict(text="<|audio|> but nothing"), "tokens in the text but no audio"),
+        # Already expanded text is not recognised: every placeholder stands for one item.
+        (dict(text="<|image_start|>" + "<|image|>" * 16 + "<|image_end|>", images=[random_image()]),
+         "16 <|image|> tokens and 1 images"),
+        (dict(text=["<|image|>", "<|image|>"], images=[[random_image(), random_image()], []]),
+         r"hold \[1, 1\] <\|image\|> placeholders but got \[2, 0\] images per prompt"),
+        (dict(text=["<|audio|>"], audio=[[np.zeros(1600)], [np.zeros(1600)]]), "nested in 2 lists for 1 prompts"),
+        (dict(text="<|image|>", images=[random_image()], truncation=True, max_length=8), "Mismatch in `image`"),
+        (dict(text="a video", videos=[np.zeros((2, 8, 8, 3))]), "not videos"),
+        (dict(), "needs text, images or audio"),
+    ],
+    ids=["too-few-images", "image-without-placeholder", "placeholder-without-image", "too-few-clips",
+         "placeholder-without-audio", "already-expanded", "nested-per-prompt", "nested-length", "truncated",
+         "videos", "nothing"],
+)
+def test_placeholder_mismatches_raise(processor, call, message):
+    with pytest.raises(ValueError, match=message):
+        processor(**call)
+
+
+def test_missing_sub_processors_and_bad_arguments(tokenizer):
+    text_only = AgillmProcessor(tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="no image processor"):
+        text_only(text="<|image|>", images=[random_image()])
+    with pytest.raises(ValueError, match="no feature extractor"):
+        text_only(text="<|audio|>", audio=[np.zeros(1600)])
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        AgillmProcessor(image_processor=AgillmImageProcessor())
+    with pytest.raises(ValueError, match="image_seq_length must be a positive integer"):
+        AgillmProcessor(tokenizer=tokenizer, image_seq_length=0)
+    with pytest.raises(TypeError, match="AgillmImageProcessor for argument feature_extractor"):
+        AgillmProcessor(feature_extractor=AgillmImageProcessor(), tokenizer=tokenizer)
+
+
+def foreign_tokenizer():
+    """A word-level tokenizer with its own chat template and none of AGILLM's media tokens (a converted model's)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"<unk>": 0, "hello": 1, "world": 2}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
+                                   chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+
+
+def test_foreign_tokenizer_keeps_its_template_and_stays_text_only():
+    tokenizer = foreign_tokenizer()
+    processor = AgillmProcessor(tokenizer=tokenizer)
+    assert processor.chat_template == tokenizer.chat_template
+    assert processor(text="hello world")["input_ids"] == [1, 2]
+    with pytest.raises(ValueError, match="lacks the multimodal placeholder tokens"):
+        AgillmProcessor(image_processor=AgillmImageProcessor(), tokenizer=tokenizer)
+
+
+# -------------------------------------------------------------------------------------------------- chat template
+
+CONVERSATIONS_WITH_STRINGS = [
+    [{"role": "user", "content": "Who is there?"}],
+    [{"role": "system", "content": "Answer in verse."}, {"role": "user", "content": "Nay, answer me."},
+     {"role": "assistant", "content": "Long live the king!"}, {"role": "user", "content": "Bernardo?"}],
+]
+
+
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_string_contents_render_like_the_tokenizer(processor, tokenizer, add_generation_prompt):
+    assert tokenizer.chat_template == TEXT_CHAT_TEMPLATE  # the template the processor upgrades
+    assert processor.chat_template == CHAT_TEMPLATE
+    for conversation in CONVERSATIONS_WITH_STRINGS:
+        expected = tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
+        rendered = processor.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+        assert rendered == expected
+
+
+def test_list_contents_place_image_and_audio(processor, tmp_path):
+    image, clip = PIL.Image.fromarray(random_image(seed=5)), sine(440, 0.4, 16000)  # 41 frames -> 11 tokens
+    image_path = tmp_path / "image.png"
+    PIL.Image.fromarray(random_image(seed=6)).save(image_path)
+    conversation = [
+        {"role": "system", "content": "You see and hear."},
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is this? "},
+                                     {"type": "audio", "audio": clip}, {"type": "image", "path": str(image_path)}]},
+    ]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    assert prompt == ("<|im_start|>system\nYou see and hear.<|im_end|>\n"
+                      "<|im_start|>user\n<|image|>What is this? <|audio|><|image|><|im_end|>\n<|im_start|>assistant\n")
+
+    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt")
+    assert media_blocks(inputs.input_ids[0].tolist()) == [("image", 16), ("audio", 11), ("image", 16)]
+    direct = processor(text=prompt, images=[image, PIL.Image.open(image_path)], audio=[clip], sampling_rate=16000,
+                       return_tensors="pt")
+    for key in direct:
+        torch.testing.assert_close(inputs[key], direct[key], msg=key)
+
+    with pytest.raises(Exception, match="hold text, image and audio items, got video"):
+        processor.apply_chat_template([{"role": "user", "content": [{"type": "video", "video": "clip.mp4"}]}])
+
+
+def test_decoding_passes_through(processor, tokenizer):
+    ids = processor(text=["Good night, sweet prince.", "Hi"], padding=True, return_tensors="pt").input_ids
+    assert processor.batch_decode(ids, skip_special_tokens=True) == ["Good night, sweet prince.", "Hi"]
+    assert processor.decode(ids[0]) == tokenizer.decode(ids[0])
+    # What pipeline("image-text-to-text") calls on generated ids: media tokens are special, so they drop out.
+    generated = processor(text="<|image|>A cat", images=random_image(), return_tensors="pt").input_ids
+    assert processor.post_process_image_text_to_text(generated) == ["A cat"]
+
+
+# ------------------------------------------------------------------------------------------------ converter files
+
+
+def test_converter_ships_the_processor_code_files(tmp_path):
+    from convert.converter import OPTIONAL_CODE_FILES, PROCESSOR_CODE_FILES, REQUIRED_FILES, ship_code_files
+
+    assert set(PROCESSOR_CODE_FILES) <= set(REQUIRED_FILES)
+    (tmp_path / "processing_agillm.py").write_text("# written by save_pretrained\n")
+    ship_code_files(tmp_path)
+    assert (tmp_path / "processing_agillm.py").read_text() == "# written by save_pretrained\n"  # kept
+    for name in ("image_processing_agillm.py", "feature_extraction_agillm.py"):
+        assert (tmp_path / name).read_text() == (Path(__file__).parents[1] / name).read_text()
+    for name in OPTIONAL_CODE_FILES:
+        assert (tmp_path / name).is_file() == (Path(__file__).parents[1] / name).is_file()
+
+
 # ------------------------------------------------------------------------------------------------------ remote code
 
+# One fresh interpreter (they cost seconds each) loads every saved folder: the sub-processors on their own, the
+# multimodal processor and a text-only one.
 REMOTE_PROCESSORS_SCRIPT = r"""
 import importlib.util, json, sys
 import numpy as np
 import transformers
 
-image_folder, audio_folder, output_path = sys.argv[1:4]
-for module in ("image_processing_agillm", "feature_extraction_agillm"):
+image_folder, audio_folder, multimodal_folder, text_folder, output_path = sys.argv[1:6]
+for module in ("image_processing_agillm", "feature_extraction_agillm", "processing_agillm"):
     assert importlib.util.find_spec(module) is None, f"{module} is importable: the repository leaked onto sys.path"
 image_processor = transformers.AutoImageProcessor.from_pretrained(image_folder, trust_remote_code=True)
 extractor = transformers.AutoFeatureExtractor.from_pretrained(audio_folder, trust_remote_code=True)
@@ -185,27 +434,56 @@ results = {
     "pixel_values": image_processor(image, return_tensors="np").pixel_values.tolist(),
     "input_features": extractor(audio, sampling_rate=16000, return_tensors="np").input_features.tolist(),
 }
+
+processor = transformers.AutoProcessor.from_pretrained(multimodal_folder, trust_remote_code=True)
+text_only = transformers.AutoProcessor.from_pretrained(text_folder, trust_remote_code=True)
+rng = np.random.default_rng(0)
+images = [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)]
+clips = [np.sin(np.arange(16000) / 5.0), np.sin(np.arange(5000) / 3.0)]
+inputs = processor(text=["A <|image|> and <|audio|>", "<|audio|> then <|image|>"], images=images, audio=clips,
+                   sampling_rate=16000, padding=True, padding_side="left", return_tensors="np")
+chat = [{"role": "user", "content": [{"type": "image", "image": images[0]}, {"type": "text", "text": "Say it."}]}]
+results["processor"] = {
+    "classes": [f"{type(p).__module__}.{type(p).__name__}"
+                for p in (processor, processor.image_processor, processor.feature_extractor, text_only)],
+    "inputs": {key: value.tolist() for key, value in inputs.items()},
+    "chat": processor.apply_chat_template(chat, add_generation_prompt=True),
+    "text_only": [text_only.image_processor is None, text_only.feature_extractor is None,
+                  text_only(text="To be")["input_ids"]],
+}
 json.dump(results, open(output_path, "w"))
 """
 
 
-def test_save_and_load_as_remote_code_in_fresh_process(tmp_path):
-    image_processor = AgillmImageProcessor(size={"height": 16, "width": 24})
-    extractor = AgillmFeatureExtractor(feature_size=40, n_fft=256, hop_length=128)
-    image_folder, audio_folder = tmp_path / "image", tmp_path / "audio"
-    image_processor.save_pretrained(image_folder)
-    extractor.save_pretrained(audio_folder)
-    # register_for_auto_class makes save_pretrained copy each class's own file: the folders are self-contained.
-    assert (image_folder / "image_processing_agillm.py").is_file()
-    assert (audio_folder / "feature_extraction_agillm.py").is_file()
-    auto_map = json.loads((image_folder / "preprocessor_config.json").read_text())["auto_map"]
-    assert auto_map["AutoImageProcessor"] == "image_processing_agillm.AgillmImageProcessor"
-
-    workdir = tmp_path / "cwd"
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory, tokenizer):
+    """Saves the folders and loads them all in one fresh process; returns its results and the local objects."""
+    root = tmp_path_factory.mktemp("remote-processors")
+    local = {
+        "image_processor": AgillmImageProcessor(size={"height": 16, "width": 24}),
+        "extractor": AgillmFeatureExtractor(feature_size=40, n_fft=256, hop_length=128),
+        "processor": AgillmProcessor(image_processor=AgillmImageProcessor(), feature_extractor=AgillmFeatureExtractor(),
+                                     tokenizer=tokenizer),
+        "text_only": AgillmProcessor(tokenizer=tokenizer),
+    }
+    folders = {name: root / name for name in local}
+    for name, saved in local.items():
+        saved.save_pretrained(folders[name])
+    workdir = root / "cwd"
     workdir.mkdir()
-    output_path = tmp_path / "remote.json"
-    run_isolated(REMOTE_PROCESSORS_SCRIPT, [str(image_folder), str(audio_folder), str(output_path)], cwd=workdir)
-    remote = json.loads(output_path.read_text())
+    output_path = root / "remote.json"
+    run_isolated(REMOTE_PROCESSORS_SCRIPT, [*map(str, folders.values()), str(output_path)], cwd=workdir)
+    return json.loads(output_path.read_text()), local, folders
+
+
+def test_save_and_load_as_remote_code_in_fresh_process(remote):
+    remote, local, folders = remote
+    image_processor, extractor = local["image_processor"], local["extractor"]
+    # register_for_auto_class makes save_pretrained copy each class's own file: the folders are self-contained.
+    assert (folders["image_processor"] / "image_processing_agillm.py").is_file()
+    assert (folders["extractor"] / "feature_extraction_agillm.py").is_file()
+    auto_map = json.loads((folders["image_processor"] / "preprocessor_config.json").read_text())["auto_map"]
+    assert auto_map["AutoImageProcessor"] == "image_processing_agillm.AgillmImageProcessor"
 
     assert remote["classes"][0].startswith("transformers_modules.")
     assert remote["classes"][0].endswith(".image_processing_agillm.AgillmImageProcessor")
@@ -217,3 +495,32 @@ def test_save_and_load_as_remote_code_in_fresh_process(tmp_path):
     audio = np.sin(np.arange(4000) / 5.0)
     local_features = extractor(audio, sampling_rate=16000, return_tensors="np").input_features
     np.testing.assert_allclose(remote["input_features"], local_features, rtol=0, atol=1e-6)
+
+
+def test_processor_round_trip_as_remote_code(remote, tokenizer):
+    remote, local, folders = remote
+    remote, processor = remote["processor"], local["processor"]
+    saved = {path.name for path in folders["processor"].iterdir()}
+    assert {"processing_agillm.py", "image_processing_agillm.py", "feature_extraction_agillm.py",
+            "processor_config.json", "chat_template.jinja", "tokenizer.json"} <= saved
+    assert not (folders["text_only"] / "image_processing_agillm.py").exists()  # a text-only folder stays text-only
+
+    expected_classes = ("processing_agillm.AgillmProcessor", "image_processing_agillm.AgillmImageProcessor",
+                        "feature_extraction_agillm.AgillmFeatureExtractor", "processing_agillm.AgillmProcessor")
+    for qualified_name, expected in zip(remote["classes"], expected_classes, strict=True):
+        assert qualified_name.startswith("transformers_modules.") and qualified_name.endswith(expected)
+
+    # Same inputs as the in-process processor: text + images + audio, left-padded batch.
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)]
+    clips = [np.sin(np.arange(16000) / 5.0), np.sin(np.arange(5000) / 3.0)]
+    inputs = processor(text=["A <|image|> and <|audio|>", "<|audio|> then <|image|>"], images=images, audio=clips,
+                       sampling_rate=16000, padding=True, padding_side="left", return_tensors="np")
+    assert remote["inputs"].keys() == inputs.keys()
+    for key, value in inputs.items():
+        np.testing.assert_allclose(np.asarray(remote["inputs"][key]), value, rtol=0, atol=1e-6, err_msg=key)
+    mask = np.asarray(remote["inputs"]["attention_mask"])
+    assert mask[:, 0].tolist() == [1, 0] and mask[:, -1].all()  # the shorter second prompt is padded on the left
+    chat = [{"role": "user", "content": [{"type": "image", "image": images[0]}, {"type": "text", "text": "Say it."}]}]
+    assert remote["chat"] == processor.apply_chat_template(chat, add_generation_prompt=True)
+    assert remote["text_only"] == [True, True, tokenizer("To be")["input_ids"]]
