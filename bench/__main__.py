@@ -4,11 +4,12 @@
 `python -m bench mtp [--quick] [...]`: MTP speculative decoding vs plain greedy, models trained on CPU (`bench.mtp`).
 `python -m bench moe_routing [--quick] [...]`: token vs document routing, expert specialisation (`bench.moe_routing`).
 `python -m bench kv_table [--quick] [...]`: KV-cache bytes/token and held-out perplexity per cache (`bench.kv_table`).
+`python -m bench vqvae [--quick] [...]`: the VQ-VAE image tokenizer on held-out real images (`bench.vqvae`).
 """
 
 import sys
 
-from . import compare_llama, decoding, kv_table, moe, moe_routing, mtp
+from . import compare_llama, decoding, kv_table, moe, moe_routing, mtp, vqvae
 
 
 if __name__ == "__main__":
@@ -22,5 +23,7 @@ if __name__ == "__main__":
         moe_routing.main(sys.argv[2:])
     elif sys.argv[1:2] == ["kv_table"]:
         kv_table.main(sys.argv[2:])
+    elif sys.argv[1:2] == ["vqvae"]:
+        vqvae.main(sys.argv[2:])
     else:
         compare_llama.main()
