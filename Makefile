@@ -15,7 +15,7 @@ setup: .venv/.agillm-installed
 	$(PY) tests/transformers_common/fetch.py   # transformers' own common model tests, from its sdist on PyPI
 	touch $@
 
-demo: setup
+demo: setup data-multimodal
 	$(PY) -m demo
 
 test: setup

@@ -5,11 +5,12 @@
 `python -m bench moe_routing [--quick] [...]`: token vs document routing, expert specialisation (`bench.moe_routing`).
 `python -m bench kv_table [--quick] [...]`: KV-cache bytes/token and held-out perplexity per cache (`bench.kv_table`).
 `python -m bench vqvae [--quick] [...]`: the VQ-VAE image tokenizer on held-out real images (`bench.vqvae`).
+`python -m bench multimodal [--quick] [...]`: the multimodal AGILLM's held-out accuracies (`bench.multimodal`).
 """
 
 import sys
 
-from . import compare_llama, decoding, kv_table, moe, moe_routing, mtp, vqvae
+from . import compare_llama, decoding, kv_table, moe, moe_routing, mtp, multimodal, vqvae
 
 
 if __name__ == "__main__":
@@ -25,5 +26,7 @@ if __name__ == "__main__":
         kv_table.main(sys.argv[2:])
     elif sys.argv[1:2] == ["vqvae"]:
         vqvae.main(sys.argv[2:])
+    elif sys.argv[1:2] == ["multimodal"]:
+        multimodal.main(sys.argv[2:])
     else:
         compare_llama.main()

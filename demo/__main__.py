@@ -19,7 +19,7 @@ from pathlib import Path  # noqa: E402
 # cannot fetch an optional Hub kernel. Nothing here uses bitsandbytes, so that warning is noise.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-from demo import pretrain_shakespeare, smollm2_chat  # noqa: E402
+from demo import multimodal, pretrain_shakespeare, smollm2_chat  # noqa: E402
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -27,12 +27,14 @@ SUMMARY_NAME = "demo_summary.md"  # the short results file the README quotes
 TIMINGS_NAME = "demo_timings.json"
 SMOLLM2_STEP = "SmolLM2: convert + chat in a fresh process"
 PRETRAIN_STEP = "Shakespeare: data + train + eval + save + sample"
+MULTIMODAL_STEP = "Multimodal: VQ-VAE + data + train + eval + images"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m demo",
-        description="The AGILLM main job: SmolLM2 as an AGILLM Hub folder + chat, then Shakespeare pre-training.",
+        description="The AGILLM main job: SmolLM2 as an AGILLM Hub folder + chat, Shakespeare pre-training, then a "
+        "multimodal AGILLM (digits, emoji, spoken digits, text -> image).",
     )
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs", help="default: outputs/")
     parser.add_argument("--skip-smollm2", action="store_true", help="skip the SmolLM2 conversion and chat")
@@ -45,6 +47,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         default=pretrain_shakespeare.DEFAULT_TRAIN_MINUTES,
         help=f"time budget of the optimizer steps (default: {pretrain_shakespeare.DEFAULT_TRAIN_MINUTES:g})",
+    )
+    parser.add_argument("--skip-multimodal", action="store_true", help="skip the multimodal training")
+    parser.add_argument(
+        "--multimodal-minutes",
+        type=float,
+        default=multimodal.DEFAULT_TRAIN_MINUTES,
+        help=f"time budget of the multimodal optimizer steps (default: {multimodal.DEFAULT_TRAIN_MINUTES:g})",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -90,6 +99,29 @@ def pretrain_section(metrics: dict) -> list[str]:
     ]
 
 
+def multimodal_section(metrics: dict) -> list[str]:
+    rows = [
+        ("digit from image (scikit-learn digits)", "digit_accuracy", "digit"),
+        ("emoji category from image (Twemoji)", "emoji_category_accuracy", "emoji"),
+        ("spoken digit, unseen voices", "spoken_digit_accuracy", "speech"),
+        ("text -> digit image recognisable (SVC judge)", "drawn_digits_recognisable", None),
+    ]
+    lines = [
+        f"## Multimodal AGILLM (`{multimodal.MODEL_FOLDER}/`, {metrics['parameters'] / 1e6:.1f}M parameters, "
+        f"{metrics['train_seconds'] / 60:.0f} min on CPU, {metrics['train_steps']} steps)",
+        "",
+        "| held-out task | accuracy | test items |",
+        "|---|---|---|",
+    ]
+    for title, key, task in rows:
+        if key in metrics:
+            items = metrics["counts"][task]["test"] if task else 10 * multimodal.DRAW_SAMPLES_PER_DIGIT
+            lines.append(f"| {title} | {metrics[key]:.1%} | {items} |")
+    if "drawn_grid" in metrics:
+        lines += ["", f"Drawn digits (one row per digit 0-9): `{metrics['drawn_grid']}`."]
+    return lines
+
+
 def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
@@ -106,6 +138,8 @@ def summary_markdown(output_dir: Path, timings: dict) -> str:
         lines += ["", *chat_section(chat)]
     if (pretrain := read_json(output_dir / pretrain_shakespeare.METRICS_FILE)) is not None:
         lines += ["", *pretrain_section(pretrain)]
+    if (mm := read_json(output_dir / multimodal.METRICS_FILE)) is not None:
+        lines += ["", *multimodal_section(mm)]
     return "\n".join(lines) + "\n"
 
 
@@ -131,6 +165,10 @@ def main(argv=None) -> None:
     if not args.skip_pretrain:
         banner(f"2. Pre-train a small AGILLM on Shakespeare ({args.train_minutes:g} min of CPU training)")
         timed(PRETRAIN_STEP, timings, pretrain_shakespeare.run, output_dir, args.train_minutes, seed=args.seed)
+
+    if not args.skip_multimodal:
+        banner(f"3. Train a small multimodal AGILLM ({args.multimodal_minutes:g} min of CPU training)")
+        timed(MULTIMODAL_STEP, timings, multimodal.run, output_dir, args.multimodal_minutes, seed=args.seed)
 
     timings_path.write_text(json.dumps(timings, indent=2), encoding="utf-8")
     summary_path = output_dir / SUMMARY_NAME
