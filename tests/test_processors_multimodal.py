@@ -256,6 +256,7 @@ def test_text_alone_tokenizes_like_the_tokenizer(processor, tokenizer):
 def test_left_padding_matches_single_prompts(processor, tokenizer):
     texts = ["A long prompt about <|image|> with many more words in it", "<|audio|> short"]
     images, audio = [random_image(seed=3)], [sine(300, 0.2, 16000)]
+    tokenizer.padding_side = "right"  # the session's shared tokenizer: other tests may have set it either way
     batch = processor(text=texts, images=images, audio=audio, padding=True, padding_side="left", return_tensors="pt")
     assert tokenizer.padding_side == "right"  # a call argument, not a change of the shared tokenizer
     first = processor(text=texts[0], images=images, return_tensors="pt")
