@@ -45,12 +45,12 @@ MODEL_FOLDER = "agillm-multimodal"
 VQ_FOLDER = "agillm-vqvae"
 METRICS_FILE = "multimodal_metrics.json"
 IMAGES_DIR = Path(__file__).resolve().parent.parent / "docs" / "images"
-DEFAULT_TRAIN_MINUTES = 12.0
+DEFAULT_TRAIN_MINUTES = 20.0
 BATCH_SIZE = 24
 LEARNING_RATE = 2e-3
 TASKS = ("digit", "emoji", "speech", "draw")
 # Sampling odds of each task per training step: drawing (64 tokens per answer, from scratch) and the vision tower
-# learn slowest, speech fastest (measured on 8-minute runs).
+# learn slowest, speech fastest (measured on 8- to 20-minute runs).
 TASK_WEIGHTS = {"digit": 1.5, "emoji": 1.0, "speech": 1.0, "draw": 2.0}
 DRAW_SAMPLES_PER_DIGIT = 10
 DRAW_TEMPERATURE, DRAW_TOP_K = 0.6, 16  # sampling of drawings: varied, yet within what the model is sure of
