@@ -10,12 +10,11 @@ Where they come from, first match wins:
        runs that step; afterwards everything here works offline.
 """
 
-import shutil
-import subprocess
 import sys
-import tempfile
 from functools import lru_cache
 from pathlib import Path
+
+from corpus.debian import extracted_packages
 
 
 PACKAGE = "python3.11-doc"
@@ -53,21 +52,8 @@ def fetch() -> Path:
         return sources_dir()
     except RuntimeError:
         pass
-    for tool in ("apt-get", "dpkg"):
-        if shutil.which(tool) is None:
-            raise RuntimeError(f"`{tool}` not found: the Python docs corpus is read from Debian's {PACKAGE} package.")
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE_DIR) as work:
-        download = subprocess.run(["apt-get", "download", PACKAGE], cwd=work, capture_output=True, text=True)
-        debs = sorted(Path(work).glob(f"{PACKAGE}_*.deb"))
-        if download.returncode != 0 or not debs:
-            raise RuntimeError(
-                f"`apt-get download {PACKAGE}` failed (the package lists may need `apt-get update`):\n"
-                f"{download.stderr}"
-            )
-        subprocess.run(["dpkg", "-x", str(debs[0]), str(Path(work) / "root")], check=True)
-        # Keep only the sources, moved in one step so that an interrupted fetch never leaves a partial folder.
-        (Path(work) / "root" / SOURCES_IN_PACKAGE).rename(CACHED_SOURCES)
+    with extracted_packages([PACKAGE], CACHE_DIR) as root:
+        (root / SOURCES_IN_PACKAGE).rename(CACHED_SOURCES)  # only the sources are kept
     return CACHED_SOURCES
 
 

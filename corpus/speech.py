@@ -22,13 +22,12 @@ synthesises the clips; a second run finds everything in the cache.
 """
 
 import gzip
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from corpus.debian import extracted_packages
 
 
 SOUNDS_PACKAGE = "asterisk-core-sounds-en-wav"
@@ -63,23 +62,8 @@ def fetch() -> tuple[Path, Path]:
         return data_paths()
     except RuntimeError:
         pass
-    for tool in ("apt-get", "dpkg"):
-        if shutil.which(tool) is None:
-            raise RuntimeError(f"`{tool}` not found: the speech corpus is read from Debian packages.")
-    CACHE_DIR.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE_DIR.parent) as work:
-        packages = [SOUNDS_PACKAGE, TRANSCRIPT_PACKAGE]
-        download = subprocess.run(["apt-get", "download", *packages], cwd=work, capture_output=True, text=True)
-        root = Path(work) / "root"
-        for package in packages:
-            debs = sorted(Path(work).glob(f"{package}_*.deb"))
-            if download.returncode != 0 or not debs:
-                raise RuntimeError(
-                    f"`apt-get download {' '.join(packages)}` failed (the package lists may need `apt-get update`):"
-                    f"\n{download.stderr}"
-                )
-            subprocess.run(["dpkg", "-x", str(debs[0]), str(root)], check=True)
-        staging = Path(work) / "staging"
+    with extracted_packages([SOUNDS_PACKAGE, TRANSCRIPT_PACKAGE], CACHE_DIR.parent) as root:
+        staging = root.parent / "staging"
         staging.mkdir()
         (root / SOUNDS_IN_PACKAGE).rename(staging / CACHED_SOUNDS.name)
         (root / TRANSCRIPT_IN_PACKAGE).rename(staging / CACHED_TRANSCRIPT.name)

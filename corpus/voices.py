@@ -31,11 +31,11 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from corpus.debian import extracted_packages
 from corpus.speech import DIGIT_WORDS, read_audio
 
 
@@ -138,20 +138,7 @@ def parse_simulated_installs(output: str) -> list[str]:
 
 def extract_packages(packages: list[str], target: Path) -> None:
     """`apt-get download` + `dpkg -x` of `packages` into `target`, created in one step (never left half-made)."""
-    for tool in ("apt-get", "dpkg"):
-        if shutil.which(tool) is None:
-            raise RuntimeError(f"`{tool}` not found: the synthesisers are read from Debian packages.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as work:
-        download = subprocess.run(["apt-get", "download", *packages], cwd=work, capture_output=True, text=True)
-        if download.returncode != 0:
-            raise RuntimeError(f"`apt-get download {' '.join(packages)}` failed:\n{download.stderr}")
-        root = Path(work) / "root"
-        for package in packages:
-            debs = sorted(Path(work).glob(f"{package}_*.deb"))
-            if not debs:
-                raise RuntimeError(f"`apt-get download {package}` left no {package}_*.deb")
-            subprocess.run(["dpkg", "-x", str(debs[0]), str(root)], check=True)
+    with extracted_packages(packages, target.parent) as root:
         root.rename(target)
 
 
