@@ -1130,9 +1130,19 @@ class AgillmModel(AgillmPreTrainedModel):
         outputs.pooler_output, outputs.feature_mask = self.audio_projector(stacked), valid
         return outputs
 
+    def _placeholder_token_ids(self) -> dict[str, int]:
+        """The placeholder id of each tower this model has, e.g. `{"image": 6, "audio": 9}`."""
+        towers = {"image": (self.config.vision_config, self.config.image_token_id),
+                  "audio": (self.config.audio_config, self.config.audio_token_id)}
+        return {name: token_id for name, (tower, token_id) in towers.items() if tower is not None}
+
     def _placeholder_mask(self, input_ids, token_id: int, features: torch.Tensor | None, name: str) -> torch.Tensor:
-        """Where `features` go; refuses a count mismatch (which would shift every feature) with both numbers."""
+        """Where `features` go; refuses a count mismatch (which would shift every feature) with both numbers.
+
+        Skipped while compiling, like `_check_token_ids` (the count is a tensor value)."""
         mask = input_ids == token_id
+        if torch.compiler.is_compiling():
+            return mask
         num_placeholders, num_features = int(mask.sum()), 0 if features is None else features.shape[0]
         if num_placeholders != num_features:
             raise ValueError(
@@ -1144,32 +1154,22 @@ class AgillmModel(AgillmPreTrainedModel):
 
     def merge_media(self, input_ids, inputs_embeds, pixel_values=None, input_features=None, feature_attention_mask=None):
         """Replace the `<|image|>` / `<|audio|>` placeholder embeddings by the encoders' features (LLaVA's merge)."""
-        config = self.config
-        if config.vision_config is not None or pixel_values is not None:
-            image_features = None
-            if pixel_values is not None:
-                image_features = self.get_image_features(pixel_values).pooler_output.flatten(0, 1)
-            mask = self._placeholder_mask(input_ids, config.image_token_id, image_features, "image")
-            if image_features is not None:
-                inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], image_features.to(inputs_embeds.dtype))
-        if config.audio_config is not None or input_features is not None:
-            audio_features = None
-            if input_features is not None:
-                outputs = self.get_audio_features(input_features, feature_attention_mask)
-                audio_features = outputs.pooler_output[outputs.feature_mask]  # the real tokens, clip after clip
-            mask = self._placeholder_mask(input_ids, config.audio_token_id, audio_features, "audio")
-            if audio_features is not None:
-                inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], audio_features.to(inputs_embeds.dtype))
+        features = {}  # per modality: [placeholders, hidden_size], in order over the batch
+        if pixel_values is not None:  # (raises if the model has no vision tower)
+            features["image"] = self.get_image_features(pixel_values).pooler_output.flatten(0, 1)
+        if input_features is not None:
+            outputs = self.get_audio_features(input_features, feature_attention_mask)
+            features["audio"] = outputs.pooler_output[outputs.feature_mask]  # the real tokens, clip after clip
+        for name, token_id in self._placeholder_token_ids().items():
+            mask = self._placeholder_mask(input_ids, token_id, features.get(name), name)
+            if name in features:
+                inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], features[name].to(inputs_embeds.dtype))
         return inputs_embeds
 
     def _media_block_ids(self, input_ids, past_key_values) -> torch.Tensor | None:
         """`block_sequence_ids` making each image's (each clip's) placeholders attend both ways, if any are here."""
-        config = self.config
-        media_ids = tuple(
-            token_id for token_id, tower in ((config.image_token_id, config.vision_config),
-                                             (config.audio_token_id, config.audio_config)) if tower is not None
-        )
-        if not (config.media_bidirectional_attention and media_ids) or input_ids is None:
+        media_ids = tuple(self._placeholder_token_ids().values())
+        if not (self.config.media_bidirectional_attention and media_ids) or input_ids is None:
             return None
         if torch.compiler.is_compiling() or not torch.isin(input_ids, torch.tensor(media_ids, device=input_ids.device)).any():
             return None  # decoding steps: text only, plain causal masks
