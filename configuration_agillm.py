@@ -127,6 +127,8 @@ class AgillmVisionConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         _check_positive(self, "image_size", "patch_size", "num_channels", "hidden_size", "intermediate_size",
                         "num_hidden_layers", "num_attention_heads")
+        _check_intervals(self, layer_norm_eps="(0, inf)", attention_dropout="[0, 1)", initializer_range="[0, inf)")
+        _check_activation(self)
         if self.image_size % self.patch_size:
             raise ValueError(f"patch_size ({self.patch_size}) must divide image_size ({self.image_size}).")
         if self.hidden_size % self.num_attention_heads:
@@ -179,6 +181,8 @@ class AgillmAudioConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         _check_positive(self, "num_mel_bins", "conv_kernel_size", "conv_stride", "frames_per_token", "hidden_size",
                         "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        _check_intervals(self, layer_norm_eps="(0, inf)", attention_dropout="[0, 1)", initializer_range="[0, inf)")
+        _check_activation(self)
         if self.conv_kernel_size % 2 == 0:
             raise ValueError(f"conv_kernel_size must be odd (same padding), got {self.conv_kernel_size}.")
         if self.hidden_size % self.num_attention_heads:
@@ -240,8 +244,8 @@ class AgillmVQVAEConfig(PreTrainedConfig):
                              f"{self.hidden_channels} / {self.num_res_blocks}.")
         if self.image_size % 2 ** (len(self.hidden_channels) - 1):
             raise ValueError(f"image_size ({self.image_size}) must be divisible by 2 ** (len(hidden_channels) - 1).")
-        if not 0 <= self.codebook_ema_decay < 1 or self.dead_code_threshold < 0 or self.commitment_cost < 0:
-            raise ValueError("codebook_ema_decay must lie in [0, 1); dead_code_threshold and commitment_cost >= 0.")
+        _check_intervals(self, codebook_ema_decay="[0, 1)", dead_code_threshold="[0, inf)",
+                         commitment_cost="[0, inf)", initializer_range="[0, inf)")
 
     @property
     def latent_size(self) -> int:
@@ -257,6 +261,37 @@ def _check_positive(config: PreTrainedConfig, *names: str) -> None:
     for name in names:
         if getattr(config, name) <= 0:
             raise ValueError(f"{type(config).__name__}.{name} must be positive, got {getattr(config, name)}.")
+
+
+def in_interval(value, interval: str) -> bool:
+    """Whether `value` is a finite number inside `interval`, written as in maths: "[0, 1)", "(0, inf)".
+
+    A check written as `value < 0` lets NaN through (every comparison with NaN is false) and `value > 0` lets inf
+    through; asking for membership of a finite interval rejects both.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return above and below
+
+
+def _check_intervals(config: PreTrainedConfig, **intervals: str) -> None:
+    """Each named field must be a finite number inside its interval (see `in_interval`)."""
+    for name, interval in intervals.items():
+        if not in_interval(getattr(config, name), interval):
+            raise ValueError(f"{type(config).__name__}.{name} must be a finite number in {interval}, got "
+                             f"{getattr(config, name)!r}.")
+
+
+def _check_activation(config: PreTrainedConfig, name: str = "hidden_act") -> None:
+    """An unknown activation name would only fail when the first layer is built; name the choices at construction."""
+    from transformers.activations import ACT2FN
+
+    if getattr(config, name) not in ACT2FN:
+        raise ValueError(f"{type(config).__name__}.{name}={getattr(config, name)!r} is not an activation transformers "
+                         f"knows; choose one of {sorted(ACT2FN)}.")
 
 
 @strict(accept_kwargs=True)
@@ -368,7 +403,9 @@ class AgillmConfig(PreTrainedConfig):
         output_router_logits (`bool`): return each MoE layer's router logits, and add the auxiliary losses below to
             the training loss (as Mixtral).
         router_aux_loss_coef (`float`): weight of the load-balancing loss `E * sum_e f_e * P_e` (Switch/Mixtral).
-        router_z_loss_coef (`float`): weight of the router z-loss `mean(logsumexp(logits)^2)` (ST-MoE).
+            Set to 0.0 when no decoder layer is sparse (there is no router; TRL enables its router loss otherwise).
+        router_z_loss_coef (`float`): weight of the router z-loss `mean(logsumexp(logits)^2)` (ST-MoE); 0.0 when no
+            decoder layer is sparse.
         router_bias_update_rate (`float`): DeepSeek-V3's auxiliary-loss-free balancing: after each training
             forward, `e_score_correction_bias += rate * sign(mean load - load)` per layer (0 = off). The bias only
             steers which experts are chosen, never the weights.
@@ -583,6 +620,12 @@ class AgillmConfig(PreTrainedConfig):
             self.moe_intermediate_size = self.intermediate_size
         if self.mlp_layer_types is None:
             self.mlp_layer_types = ["sparse" if self.num_experts else "dense"] * self.num_hidden_layers
+        if "sparse" not in self.mlp_layer_types:
+            # No decoder layer routes, so there is no router loss to weight. Trainers read a non-zero coefficient as
+            # "this model returns router logits": TRL's SFTTrainer / DPOTrainer then request them and index the
+            # (empty) tuple. Dense configs, saved ones included, therefore always carry 0.0.
+            self.router_aux_loss_coef = 0.0
+            self.router_z_loss_coef = 0.0
         if self.experts_per_document is None:
             self.experts_per_document = self.num_experts_per_tok
         if self.kv_source_layers is None:
@@ -633,6 +676,9 @@ class AgillmConfig(PreTrainedConfig):
             raise ValueError(f"norm_type must be one of {list(AGILLM_NORM_TYPES)}, got {self.norm_type!r}.")
         self._check_choice("position_embedding_type", AGILLM_POSITION_TYPES)
         self._check_choice("mlp_type", AGILLM_MLP_TYPES)
+        _check_activation(self)
+        _check_intervals(self, rms_norm_eps="(0, inf)", attention_dropout="[0, 1)", hidden_dropout="[0, 1)",
+                         initializer_range="[0, inf)", mtp_loss_weight="[0, inf)")
         self._check_choice("router_type", AGILLM_ROUTER_TYPES)
         if self.uses_alibi and set(self.layer_types) != {"full_attention"}:
             raise ValueError(
@@ -663,6 +709,10 @@ class AgillmConfig(PreTrainedConfig):
             raise ValueError(f"Invalid rope_parameters {self.rope_parameters!r}: {error}") from error
         if self.rope_parameters is None or "rope_type" not in self.rope_parameters:
             raise ValueError(f"rope_parameters must name a rope_type, got {self.rope_parameters!r}.")
+        bad_numbers = {key: value for key, value in self.rope_parameters.items()
+                       if isinstance(value, float) and not math.isfinite(value)}
+        if bad_numbers or not in_interval(self.rope_parameters.get("rope_theta", 1.0), "(0, inf)"):
+            raise ValueError(f"rope_parameters need a finite rope_theta > 0 and finite numbers, got {self.rope_parameters!r}.")
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         rope_type = self.rope_parameters["rope_type"]
@@ -735,18 +785,14 @@ class AgillmConfig(PreTrainedConfig):
         if self.router_scope == "document" and self.router_type == "sigmoid_group_topk" and self.n_group > 1:
             raise ValueError("router_scope='document' picks a document's experts by score; combine it with "
                              "n_group=1 (group-limited routing would restrict the choice a second time).")
-        for name in ("routed_scaling_factor",):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        _check_intervals(self, routed_scaling_factor="(0, inf)", router_aux_loss_coef="[0, inf)",
+                         router_z_loss_coef="[0, inf)", router_bias_update_rate="[0, 1)")
         if self.shared_expert_gate and not self.shared_expert_intermediate_size:
             raise ValueError("shared_expert_gate needs a shared expert (shared_expert_intermediate_size > 0).")
 
     def _check_attention_variants(self) -> None:
         self._check_choice("qk_norm_type", AGILLM_QK_NORM_TYPES)
-        if self.attn_temperature_tuning and not (self.floor_scale > 0 and self.attn_scale >= 0):
+        if self.attn_temperature_tuning and not (self.floor_scale > 0 and in_interval(self.attn_scale, "[0, inf)")):
             raise ValueError("attn_temperature_tuning needs floor_scale > 0 and attn_scale >= 0.")
         sources = self.kv_source_layers
         if len(sources) != self.num_hidden_layers:
@@ -974,8 +1020,11 @@ class AgillmConfig(PreTrainedConfig):
         extra = sorted(set(self.objective_weights) - set(self.heads))
         if extra:
             raise ValueError(f"objective_weights names {extra}, which are not among heads={self.heads}.")
-        if any(weight < 0 for weight in self.objective_weights.values()):
-            raise ValueError(f"objective_weights must be >= 0, got {self.objective_weights}.")
+        if not all(in_interval(weight, "[0, inf)") for weight in self.objective_weights.values()):
+            raise ValueError(f"objective_weights must be finite numbers >= 0, got {self.objective_weights}.")
+        if not any(self.objective_weights.values()):
+            raise ValueError(f"objective_weights must train at least one head (a weight > 0), got "
+                             f"{self.objective_weights}.")
         if set(self.heads) != {"ar"} and set(self.layer_types) != {"full_attention"}:
             raise ValueError(f"heads {self.heads} need full_attention layers only (SAT and NAT attend across blocks).")
         if self.sat_block_size < 2:
@@ -985,7 +1034,7 @@ class AgillmConfig(PreTrainedConfig):
         if not 0 <= self.nat_mask_token_id < self.vocab_size:
             raise ValueError(f"nat_mask_token_id ({self.nat_mask_token_id}) must be a token id below vocab_size.")
         smoothing = self.label_smoothing if isinstance(self.label_smoothing, dict) else {"all": self.label_smoothing}
-        if not all(0.0 <= value < 1.0 for value in smoothing.values()) or set(smoothing) - {"all", *AGILLM_HEADS}:
+        if not all(in_interval(value, "[0, 1)") for value in smoothing.values()) or set(smoothing) - {"all", *AGILLM_HEADS}:
             raise ValueError(f"label_smoothing must lie in [0, 1), per head name if a dict; got {self.label_smoothing}.")
 
     @property

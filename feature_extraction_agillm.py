@@ -94,6 +94,8 @@ class AgillmFeatureExtractor(SequenceFeatureExtractor):
                 f"It is strongly recommended to pass the `sampling_rate` argument to `{self.__class__.__name__}()`. "
                 "Failing to do so can result in silent errors that might be hard to debug."
             )
+        else:
+            _check_sampling_rate(sampling_rate)
         clips = [self._resample(clip, sampling_rate) for clip in self._as_mono_clips(raw_speech)]
         features = [self._log_mel(clip) for clip in clips]
 
@@ -145,8 +147,6 @@ class AgillmFeatureExtractor(SequenceFeatureExtractor):
     def _resample(self, clip: np.ndarray, sampling_rate: int | None) -> np.ndarray:
         if sampling_rate is None or sampling_rate == self.sampling_rate:
             return clip
-        if sampling_rate <= 0:
-            raise ValueError(f"sampling_rate must be positive, got {sampling_rate}")
         # Polyphase filtering by the reduced ratio, e.g. 8 kHz -> 16 kHz is up=2, down=1: length scales exactly.
         divisor = gcd(int(sampling_rate), int(self.sampling_rate))
         up, down = self.sampling_rate // divisor, int(sampling_rate) // divisor
@@ -170,6 +170,24 @@ class AgillmFeatureExtractor(SequenceFeatureExtractor):
         # Whisper's scaling: keep 8 decades below the loudest bin, then map to roughly [-1, 1].
         log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
         return ((log_spec + 4.0) / 4.0).astype(np.float32)
+
+
+# Rates recorded audio comes at: 8 kHz telephony to 768 kHz studio converters. Outside it the value is a mistake (a
+# 1 Hz "rate" would upsample every clip 16,000-fold, gigabytes of samples, before anything else fails).
+PLAUSIBLE_SAMPLING_RATES = (1_000, 768_000)
+
+
+def _check_sampling_rate(sampling_rate) -> None:
+    low, high = PLAUSIBLE_SAMPLING_RATES
+    is_integral = isinstance(sampling_rate, int | np.integer) or (
+        isinstance(sampling_rate, float | np.floating) and float(sampling_rate).is_integer()
+    )
+    if isinstance(sampling_rate, bool) or not is_integral:
+        raise TypeError(f"sampling_rate must be a whole number of samples per second (e.g. 16000), got "
+                        f"{sampling_rate!r} of type {type(sampling_rate).__name__}")
+    if not low <= sampling_rate <= high:
+        raise ValueError(f"sampling_rate {sampling_rate} Hz is not an audio rate: expected {low:,}-{high:,} Hz "
+                         "(samples per second of the waveform you pass)")
 
 
 AgillmFeatureExtractor.register_for_auto_class("AutoFeatureExtractor")

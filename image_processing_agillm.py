@@ -74,6 +74,8 @@ class AgillmImageProcessor(PilBackend):
         **kwargs,
     ) -> np.ndarray:
         image_type = get_image_type(image)
+        if image_type == ImageType.PIL and 0 in image.size:
+            raise ValueError(f"AgillmImageProcessor got an empty image (size {image.size}): images need pixels")
         if image_type == ImageType.TORCH:
             image = image.detach().cpu().numpy()
             image_type = ImageType.NUMPY
@@ -82,6 +84,10 @@ class AgillmImageProcessor(PilBackend):
             if image.ndim == 2:  # H, W greyscale: give it a channel axis so every array goes the same way
                 image, input_data_format = image[None], ChannelDimension.FIRST
             input_data_format = input_data_format or _channel_layout(image.shape)
+            spatial = image.shape[1:] if input_data_format == ChannelDimension.FIRST else image.shape[:-1]
+            if 0 in spatial:  # resizing would invent a whole image out of nothing
+                raise ValueError(f"AgillmImageProcessor got an empty image (shape {tuple(image.shape)}): images need "
+                                 "pixels")
         return super().process_image(image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format,
                                      **kwargs)
 

@@ -21,14 +21,19 @@ as `from .x import y` travel with a saved model, so this file depends on nothing
 from collections.abc import Callable
 
 import math
+import os
+import shutil
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.generation import (
     GenerationMixin,
     LogitsProcessorList,
@@ -839,6 +844,35 @@ class AgillmPreTrainedModel(PreTrainedModel):
         "router_indices": OutputRecorder(AgillmRouter, index=2),  # the chosen experts, for the balancing losses
     }
 
+    def save_pretrained(self, save_directory, is_main_process: bool = True, **kwargs):
+        """transformers' `save_pretrained`, shipping AGILLM's code and `auto_map` even when an engine re-classed us.
+
+        FSDP2's `fully_shard` swaps the instance's class for a subclass it builds at run time (`FSDPAgillmForCausalLM`,
+        module `torch.distributed.fsdp._fully_shard._fsdp_init`). transformers' `custom_object_save` exports the
+        instance's class, so it would copy torch's `_fsdp_*.py` files and name the wrapper in `auto_map`, and the
+        folder would not reload. The code is exported for the class registered for the auto class instead, the first
+        one in the MRO, so a folder saved from any engine reloads with `trust_remote_code=True`.
+        """
+        instance_class = type(self)
+        code_class = next((cls for cls in instance_class.__mro__ if vars(cls).get("_auto_class")), None)
+        if code_class is None or code_class is instance_class:
+            return super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        # What `custom_object_save` does, for `code_class`: its `auto_map` entry, its file and its relative imports.
+        # The files go in first, so that a `push_to_hub` from the save below uploads them.
+        module_file = sys.modules[code_class.__module__].__file__
+        module_name = code_class.__module__.rsplit(".", 1)[-1]
+        self.config.auto_map = dict(self.config.auto_map or {})
+        self.config.auto_map[code_class._auto_class] = f"{module_name}.{code_class.__name__}"
+        if self.should_save_on_this_rank(is_main_process):
+            os.makedirs(save_directory, exist_ok=True)
+            for source in (module_file, *get_relative_import_files(module_file)):
+                shutil.copyfile(source, os.path.join(save_directory, os.path.basename(source)))
+        instance_class._auto_class = None  # stops transformers' own export of the run-time class, for this save only
+        try:
+            return super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        finally:
+            del instance_class._auto_class
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.initializer_range
@@ -852,6 +886,36 @@ class AgillmPreTrainedModel(PreTrainedModel):
                     init.zeros_(parameter)
                 else:
                     init.normal_(parameter, mean=0.0, std=std)
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
+        """transformers' loading, after checking that every safetensors weight file is whole (`check_weight_files`)."""
+        if state_dict is None:
+            check_weight_files(checkpoint_files)
+        return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys)
+
+
+def check_weight_files(checkpoint_files) -> None:
+    """Raise `OSError` naming the first safetensors file (or shard) that is empty, truncated or corrupt.
+
+    transformers 5.23 reports such a file as a bare `SafetensorError` ("incomplete metadata, file not fully
+    covered") that does not say which of the folder's shards is broken. Opening a file reads only its header, which
+    safetensors checks against the file's size, so this costs one small read per shard.
+    """
+    for path in checkpoint_files or ():
+        if not str(path).endswith(".safetensors"):
+            continue
+        with open(path, "rb") as file:  # an unreadable file fails here, with its name and "Permission denied"
+            if os.fstat(file.fileno()).st_size == 0:
+                raise OSError(f"Cannot load the weights file {path}: it is empty (0 bytes).")
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except SafetensorError as error:
+            raise OSError(
+                f"Cannot load the weights file {path}: not a valid safetensors file, truncated or corrupt "
+                f"({' '.join(str(error).split())})."
+            ) from error
 
 
 # ----------------------------------------------------------------------------------- image and speech encoders
@@ -1056,6 +1120,65 @@ def media_block_ids(input_ids: torch.Tensor, media_token_ids: tuple[int, ...], p
     return F.pad(group_ids, (past_length, 0), value=-1)
 
 
+def parameter_count_lower_bound(config: AgillmConfig) -> int:
+    """Parameters the decoder needs at least: embeddings, untied head projections, attention and MLP weights.
+
+    Norms, biases, routers and media towers are left out; they never decide whether a model fits in memory.
+    """
+    hidden, vocab = config.hidden_size, config.vocab_size
+    head_projections = 0 if config.tie_word_embeddings else len(config.heads)
+    attention = 2 * hidden * config.num_attention_heads * config.head_dim  # q and o (MLA compresses k/v)
+    if not config.is_mla:
+        attention += 2 * hidden * config.num_key_value_heads * config.head_dim
+    matrices_per_mlp = 3 if config.mlp_type == "gated" else 2
+    mlp = {
+        "dense": matrices_per_mlp * hidden * config.intermediate_size,
+        "sparse": matrices_per_mlp * hidden * config.moe_intermediate_size * config.num_experts,
+    }
+    layers = sum(attention + mlp[kind] for kind in config.mlp_layer_types)
+    return vocab * hidden * (1 + head_projections) + layers
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Free memory of `device` (CPU: the kernel's MemAvailable, capped by a cgroup limit), or None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as limit, open("/sys/fs/cgroup/memory.current") as used:
+            available = min(available, int(limit.read()) - int(used.read()))
+    except (OSError, ValueError):  # no cgroup v2 limit ("max") or not Linux
+        pass
+    return available
+
+
+def check_fits_in_memory(config: AgillmConfig) -> None:
+    """Refuse a model whose weights cannot fit before allocating them (rather than swapping or dying for minutes).
+
+    Skipped on the meta device, where `from_pretrained` and `init_empty_weights` build models without memory.
+    """
+    device = torch.empty(0).device  # where new parameters go: the default device or a `with torch.device(...)`
+    if device.type == "meta":
+        return
+    element_size = torch.empty((), dtype=torch.get_default_dtype()).element_size()
+    needed = parameter_count_lower_bound(config) * element_size
+    available = available_memory_bytes(device)
+    if available is not None and needed > available:
+        raise MemoryError(
+            f"This config needs at least {needed / 2**30:,.1f} GiB for its parameters "
+            f"({parameter_count_lower_bound(config):,} x {element_size} bytes, {torch.get_default_dtype()}) but only "
+            f"{available / 2**30:,.1f} GiB of {device.type} memory are available. Use a smaller config, a lower "
+            "precision (dtype=torch.bfloat16), or from_pretrained(..., device_map='auto') to offload."
+        )
+
+
 def mtp_checkpoint_patterns(config: AgillmConfig, prefix: str) -> list[str]:
     """Checkpoint keys of the MTP modules (`layers.{num_hidden_layers + k}.`), for `_keys_to_ignore_on_load_unexpected`."""
     return [rf"{prefix}layers\.{config.num_hidden_layers + k}\." for k in range(config.num_mtp_layers)]
@@ -1067,6 +1190,7 @@ class AgillmModel(AgillmPreTrainedModel):
 
     def __init__(self, config: AgillmConfig):
         super().__init__(config)
+        check_fits_in_memory(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
@@ -1124,6 +1248,14 @@ class AgillmModel(AgillmPreTrainedModel):
         if not hasattr(self, "audio_tower"):
             raise ValueError("This model has no audio encoder (config.audio_config is None); it cannot take "
                              "input_features.")
+        # Shapes alone tell whether the longest clip fits the context: refuse before the tower spends time on it.
+        num_tokens = self.config.audio_config.num_audio_tokens(input_features.shape[-1])
+        if num_tokens > self.config.max_position_embeddings:
+            raise ValueError(
+                f"An audio clip of {input_features.shape[-1]} log-mel frames becomes {num_tokens} <|audio|> tokens, "
+                f"more than the model's context (max_position_embeddings={self.config.max_position_embeddings}); "
+                "split the audio into shorter clips."
+            )
         outputs = self.audio_tower(input_features, feature_attention_mask, return_dict=True, **kwargs)
         stacked, valid = stack_frames(outputs.last_hidden_state, outputs.feature_mask,
                                       self.config.audio_config.frames_per_token)
@@ -1203,6 +1335,32 @@ class AgillmModel(AgillmPreTrainedModel):
                 "config with a longer context (e.g. rope_type='dynamic', 'yarn' or 'llama3')."
             )
 
+
+    def _check_input_shapes(self, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values) -> None:
+        """Refuse input the mask builders would silently broadcast, slice or pad into a different answer.
+
+        An empty batch or sequence has nothing to predict; a 2-D `attention_mask` covers the cached tokens and the
+        new ones (`[batch, past + new]`, as `generate` builds it); `position_ids` are `[batch or 1, new]`;
+        `inputs_embeds` given by the caller must be finite (a NaN would spread to every later position).
+        """
+        batch, seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if batch == 0 or seq_len == 0:
+            shape = tuple((input_ids if input_ids is not None else inputs_embeds).shape)
+            raise ValueError(f"Empty input: {'input_ids' if input_ids is not None else 'inputs_embeds'} has shape "
+                             f"{shape}; give at least one sequence of at least one token.")
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            if tuple(attention_mask.shape) != (batch, past + seq_len):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({batch}, {past + seq_len}): "
+                    f"one row per sequence and one column per token ({past} cached + {seq_len} new)."
+                )
+        if position_ids is not None and (position_ids.ndim != 2 or position_ids.shape[0] not in (1, batch)
+                                         or position_ids.shape[1] != seq_len):
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected ({batch}, {seq_len}) or "
+                             f"(1, {seq_len}), one position per new token.")
+        if input_ids is None and not torch.compiler.is_compiling() and not torch.isfinite(inputs_embeds).all():
+            raise ValueError("inputs_embeds contains NaN or infinite values.")
 
     def _key_positions(self, attention_mask, past_key_values, position_ids, batch_size: int, kv_length: int):
         """Absolute position of every key index `[batch, kv_length]` (left padding shifts them, as `position_ids`)."""
@@ -1313,6 +1471,7 @@ class AgillmModel(AgillmPreTrainedModel):
         objective (`str`, *optional*, defaults to `"ar"`):
             Which attention pattern the trunk runs with: `"ar"` (causal), `"sat"` (block-causal over blocks of
             `config.sat_block_size`) or `"nat"` (bidirectional, or block-causal over `config.nat_block_size`).
+            `None` means `"ar"`, as in `AgillmForCausalLM.forward`.
         pixel_values (`torch.FloatTensor` of shape `(num_images, 3, image_size, image_size)`, *optional*):
             Images, in order of their `<|image|>` placeholders over the batch (from `AgillmProcessor`).
         input_features (`torch.FloatTensor` of shape `(num_clips, num_mel_bins, num_frames)`, *optional*):
@@ -1320,10 +1479,14 @@ class AgillmModel(AgillmPreTrainedModel):
         feature_attention_mask (`torch.Tensor` of shape `(num_clips, num_frames)`, *optional*):
             1 for real frames, 0 for padding frames of `input_features`.
         """
+        # None reads as the head's default: transformers' pipeline parallelism binds the head's forward signature,
+        # defaults included, and hands those arguments to the trunk on the stages that do not run the head.
+        objective = "ar" if objective is None else objective
         if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}.")
+            raise ValueError(f"objective must be one of {list(OBJECTIVES)} or None, got {objective!r}.")
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        self._check_input_shapes(input_ids, inputs_embeds, attention_mask, position_ids, past_key_values)
         has_media = pixel_values is not None or input_features is not None
         if has_media and (input_ids is None or objective != "ar"):
             raise ValueError("pixel_values / input_features need input_ids (their placeholders mark where the features "
@@ -1371,10 +1534,12 @@ class AgillmModel(AgillmPreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+        # The layer's attention type comes from the config, not the module: pipeline parallelism replaces the layers
+        # another stage owns with `PipelineIdentityLayer`s, which have no attributes of ours.
+        for layer_idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             hidden_states = decoder_layer(
                 hidden_states,
-                attention_mask=mask_per_layer_type[decoder_layer.attention_type],
+                attention_mask=mask_per_layer_type[self.config.layer_types[layer_idx]],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
                 past_key_values=past_key_values,
@@ -1420,7 +1585,13 @@ def router_losses(
     `load_balancing_loss_func`), `P_e` the mean routing probability (sigmoid scores are normalised per token, as
     DeepSeek-V3's balance loss). The chosen experts are the ones the routers actually picked, so document routing
     and biased (DeepSeek-V3) choices are counted as they happened. Padding tokens are left out.
+
+    No router logits (a dense model asked for them: `output_router_logits=True` records an empty tuple, as trainers
+    such as TRL's request them for any config that has the flag) means no router to balance: both losses are zero.
     """
+    if not router_logits:
+        zero = torch.zeros((), device=attention_mask.device if attention_mask is not None else None)
+        return zero, zero.clone()
     logits = torch.cat(router_logits, dim=0)
     chosen = F.one_hot(torch.cat(router_indices, dim=0), num_experts).float()  # [layers * tokens, k, E]
     probs = logits.sigmoid() if sigmoid_scores else logits.softmax(dim=-1)
@@ -1575,6 +1746,10 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
             "position_ids": position_ids,
             "inputs_embeds": inputs_embeds,
         }
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if labels is not None and tokens is not None and tuple(labels.shape) != tuple(tokens.shape[:2]):
+            raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(tokens.shape[:2])}: one target per "
+                             "input token, aligned with input_ids (the objectives shift them).")
         if labels is not None and objective is None and self.training and self.config.diffusion_blocks is not None:
             return diffusion_blocks_training_step(self, inputs, labels, **kwargs)  # one layer group per step
         if labels is not None and objective is None and self._training_objectives() != ["ar"]:
@@ -1588,6 +1763,8 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
                 attentions=outputs.attentions, router_logits=outputs.get("router_logits"),
             )
 
+        # Router losses only where a decoder layer routes: a dense model asked for router logits (TRL asks any
+        # config with the flag) records an empty tuple and adds no loss.
         routes = "sparse" in self.config.mlp_layer_types
         wants_aux_loss = routes and kwargs.get("output_router_logits", self.config.output_router_logits)
         updates_router_bias = self.training and routes and self.config.router_bias_update_rate > 0
@@ -1638,6 +1815,8 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         return [layer.mlp.gate for layer in self.model.layers[: self.config.num_hidden_layers] if layer.is_sparse]
 
     def _update_router_biases(self, router_indices: tuple[torch.Tensor, ...], attention_mask=None) -> None:
+        if not router_indices:  # no sparse decoder layer: nothing was routed
+            return
         real = None  # padding tokens are routed too, but their choices are no load to balance
         if attention_mask is not None and attention_mask.dim() == 2:
             real = attention_mask[:, -(router_indices[0].shape[0] // attention_mask.shape[0]) :].reshape(-1).bool()
@@ -1691,7 +1870,7 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
                 position_ids=layer_positions,
             )
             targets = F.pad(labels[:, depth + 2 :], (0, 1), value=-100)
-            losses.append(F.cross_entropy(self.lm_head(hidden).float().flatten(0, 1), targets.flatten(), ignore_index=-100))
+            losses.append(token_cross_entropy(self.lm_head(hidden), targets))
         return torch.stack(losses).mean() if losses else main_hidden.new_zeros(())
 
     # ----------------------------------------------------------------------------------------------- losses
@@ -1715,6 +1894,9 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
 
     def _ar_loss(self, logits: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
         smoothing = self.config.label_smoothing_for("ar")
+        targets = kwargs["shift_labels"] if kwargs.get("shift_labels") is not None else labels[:, 1:]
+        if not (targets != -100).any():  # nothing to predict: zero with grad, as every other head (not NaN)
+            return logits.sum() * 0.0
         if not smoothing:
             return self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         if kwargs.get("shift_labels") is not None:

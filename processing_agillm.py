@@ -38,27 +38,46 @@ IMAGE_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN = "<|image|>", "<|image_start|>"
 AUDIO_TOKEN, AUDIO_START_TOKEN, AUDIO_END_TOKEN = "<|audio|>", "<|audio_start|>", "<|audio_end|>"
 MEDIA_TOKENS = (IMAGE_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN, AUDIO_TOKEN, AUDIO_START_TOKEN, AUDIO_END_TOKEN)
 
-# The shipped tokenizer's text-only ChatML (tokenizer/build_tokenizer.py). A processor built on it uses
-# `CHAT_TEMPLATE` instead; any other tokenizer (a converted model's) keeps its own template.
+# The shipped tokenizer's text-only ChatML (a copy of tokenizer/build_tokenizer.py's CHAT_TEMPLATE). A processor
+# built on it uses `CHAT_TEMPLATE` instead; any other tokenizer (a converted model's) keeps its own template.
+# `{% generation %}` marks an assistant turn's content and closing `<|im_end|>` (what the model writes, stop included)
+# for `return_assistant_tokens_mask=True` / TRL's `assistant_only_loss`; the markers render nothing.
 TEXT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
+    "{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# The shipped tokenizer's template before it had generation markers (tokenizers saved then still get `CHAT_TEMPLATE`).
+_UNMARKED_TEXT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 # ChatML that renders string contents byte for byte as `TEXT_CHAT_TEMPLATE`, and list contents (transformers'
-# multimodal chat format) item by item: text as is, each image as `<|image|>`, each audio clip as `<|audio|>`.
+# multimodal chat format) item by item: text as is, each image as `<|image|>`, each audio clip as `<|audio|>`. The
+# content goes through a macro so that the assistant branch can wrap it in `{% generation %}` without a second copy.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
+    "{% macro render_content(content) %}"
+    "{% if content is string %}{{ content }}"
+    "{% else %}{% for item in content %}"
     "{% if item['type'] == 'text' %}{{ item['text'] }}"
     "{% elif item['type'] == 'image' %}{{ '<|image|>' }}"
     "{% elif item['type'] == 'audio' %}{{ '<|audio|>' }}"
     "{% else %}{{ raise_exception('AGILLM chat messages hold text, image and audio items, got ' + item['type']) }}"
     "{% endif %}{% endfor %}{% endif %}"
-    "{{ '<|im_end|>' + '\n' }}"
+    "{% endmacro %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ render_content(message['content']) + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ render_content(message['content']) + '<|im_end|>' }}{% endif %}"
+    "{{ '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
@@ -276,7 +295,7 @@ class AgillmProcessor(ProcessorMixin):
 
 def _default_chat_template(tokenizer) -> str | None:
     own_template = getattr(tokenizer, "chat_template", None)
-    return CHAT_TEMPLATE if own_template == TEXT_CHAT_TEMPLATE else own_template
+    return CHAT_TEMPLATE if own_template in (TEXT_CHAT_TEMPLATE, _UNMARKED_TEXT_CHAT_TEMPLATE) else own_template
 
 
 def _is_nested(media) -> bool:

@@ -346,8 +346,8 @@ def setup_text(model_dir: str, training: dict | None, model, plan: Plan, prompts
     if training and "held_out_losses_after" in training:
         losses = ", ".join(f"{head.upper()} {loss:.3f}" for head, loss in training["held_out_losses_after"].items())
         lines.append(
-            f"- Training (`python -m demo`): {training['train_seconds'] / 60:.1f} min budget on CPU, "
-            f"{training['steps']} steps, {training['tokens_seen']:,} tokens; held-out AR perplexity "
+            f"- Training (`python -m demo`): {training['steps']} steps in {training['train_seconds'] / 60:.1f} min on "
+            f"CPU, {training['tokens_seen']:,} tokens; held-out AR perplexity "
             f"**{training['perplexity_after']:.1f}**, held-out loss per head {losses}."
         )
     if config.nat_block_size is not None:

@@ -332,9 +332,8 @@ def scratch_configs(tokenizer) -> dict[str, AgillmConfig]:
 
 def step_budget_arguments(output_dir: str, training: TrainingPlan, steps: int, seed: int) -> TrainingArguments:
     """The demo's optimizer settings (AdamW, peak lr, weight decay, clipping, batch) on a fixed number of steps:
-    linear warmup over the demo's warmup fraction, then cosine decay to zero at the last step. A step budget, not
-    the demo's wall-clock one, so every architecture sees the same batches in the same order whatever the machine's
-    load."""
+    linear warmup over the demo's warmup fraction, then cosine decay to zero at the last step. A step budget, as in
+    the demo, so every architecture sees the same batches in the same order whatever the machine's load."""
     return TrainingArguments(
         output_dir=output_dir,
         use_cpu=True,

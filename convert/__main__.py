@@ -2,13 +2,21 @@
 `python -m convert --agillm4 CHECKPOINT.pt OUTPUT_DIR [--dtype D] [--overwrite]` for a native AGILLM 4.x checkpoint."""
 
 import argparse
+import os
 import sys
 
-from .config_mapping import ConversionError
+from .errors import ConversionError  # torch and transformers are imported only once the arguments are valid
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse's exit code (2) for bad arguments, but one `error:` line like every other failure, not the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="python -m convert",
         description="Convert a transformers Llama / Mistral / Qwen2 / Qwen3 / Mixtral / Qwen3-MoE / DeepSeek-V3 / "
         "Llama 4 (text) checkpoint folder, or a native AGILLM 4.x `.pt` checkpoint (--agillm4), into an AGILLM folder.",
@@ -44,32 +52,64 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+DEBUG_VARIABLE = "AGILLM_DEBUG"  # set (to anything but 0) to let unexpected errors print their traceback
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _convert(args: argparse.Namespace):
+    if not sys.stderr.isatty():
+        # Progress bars written to a log or a pipe are lines of noise around the one line that matters.
+        from transformers.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+    if args.smollm2 is not None:
+        from .smollm2 import convert_smollm2
+
+        return convert_smollm2(args.smollm2, overwrite=args.overwrite)
+    if args.agillm4:
+        from .agillm4 import convert_agillm4
+
+        return convert_agillm4(args.source, args.output_dir, dtype=args.dtype, overwrite=args.overwrite)
+    from .converter import convert_to_agillm
+
+    return convert_to_agillm(
+        args.source,
+        args.output_dir,
+        tokenizer=args.tokenizer,
+        gguf_file=args.gguf_file,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        source_name=args.source_name,
+    )
+
+
 def main(argv=None) -> int:
+    """Run the CLI; every failure is one `error: ...` line on stderr and a non-zero exit code, never a traceback.
+
+    Exit codes: 0 done, 1 the conversion failed (nothing was written), 2 bad arguments (argparse), 130 interrupted.
+    """
     args = parse_args(argv)
     try:
-        if args.smollm2 is not None:
-            from .smollm2 import convert_smollm2
-
-            output = convert_smollm2(args.smollm2, overwrite=args.overwrite)
-        elif args.agillm4:
-            from .agillm4 import convert_agillm4
-
-            output = convert_agillm4(args.source, args.output_dir, dtype=args.dtype, overwrite=args.overwrite)
-        else:
-            from .converter import convert_to_agillm
-
-            output = convert_to_agillm(
-                args.source,
-                args.output_dir,
-                tokenizer=args.tokenizer,
-                gguf_file=args.gguf_file,
-                dtype=args.dtype,
-                max_shard_size=args.max_shard_size,
-                overwrite=args.overwrite,
-                source_name=args.source_name,
-            )
-    except (ConversionError, FileExistsError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        output = _convert(args)
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return INTERRUPTED
+    except (ConversionError, OSError) as error:  # a bad source, an unwritable output, a missing package file
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        if os.environ.get(DEBUG_VARIABLE, "0") not in ("", "0"):
+            raise
+        print(
+            f"error: unexpected {type(error).__name__}: {_one_line(error)} (a bug; set {DEBUG_VARIABLE}=1 to see "
+            "the traceback)",
+            file=sys.stderr,
+        )
         return 1
     print(f"AGILLM model written to {output}")
     return 0

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .config_mapping import ConversionError
+from .reading import reading
 
 
 PAYLOAD_CODEC_KEY = "__agillm43_payload_codec__"
@@ -110,10 +111,12 @@ def read_native_checkpoint(path) -> tuple[dict, NativeContainer]:
     if not path.is_file():
         raise ConversionError(f"Checkpoint {path} not found (or not a file).")
     what = f"checkpoint {path.name}"
-    with path.open("rb") as file:
-        _check_torch_prefix(file.read(8), what)
-    container = NativeContainer(file_name=path.name, file_bytes=path.stat().st_size, sha256=_file_sha256(path),
-                                codec="plain")
+    with reading(path, "checkpoint"):  # permission denied, an I/O error: named like every other bad file
+        with path.open("rb") as file:
+            head = file.read(8)
+        file_bytes, sha256 = path.stat().st_size, _file_sha256(path)
+    _check_torch_prefix(head, what)
+    container = NativeContainer(file_name=path.name, file_bytes=file_bytes, sha256=sha256, codec="plain")
     checkpoint = _torch_load(path, what)
     if isinstance(checkpoint, dict) and checkpoint.get(PAYLOAD_CODEC_KEY) == PAYLOAD_CODEC:
         raw, container.codec = _decompress(checkpoint, what)

@@ -30,12 +30,11 @@ from transformers.utils import logging
 
 from configuration_agillm import AgillmConfig
 
+# Defined apart (the CLI catches it before importing transformers); the converter modules import it from here.
+from .errors import ConversionError  # noqa: F401
+
 
 logger = logging.get_logger(__name__)
-
-
-class ConversionError(ValueError):
-    """The source cannot be converted as it is: an unsupported feature or an inconsistent checkpoint."""
 
 
 # Fields with the same meaning in every supported family and in `AgillmConfig`.

@@ -27,7 +27,6 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
 )
-from transformers.integrations.gguf.reader import read_gguf_metadata
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 import processing_agillm
@@ -39,6 +38,7 @@ from .config_mapping import ConversionError, agillm_config_from, check_model_typ
 from .deepseek_v3 import prepare_deepseek_v3_source
 from .llama4 import prepare_llama4_text_source
 from .model_card import Provenance, write_model_card
+from .reading import check_gguf_file, read_json, reading
 from .weights import TIED_TARGET, CheckpointFolderTensors, collect_agillm_weights
 
 
@@ -91,7 +91,8 @@ def _hub_id_or_none(name: str | None) -> str | None:
 def _as_tokenizer(tokenizer) -> PreTrainedTokenizerBase | None:
     if tokenizer is None or isinstance(tokenizer, PreTrainedTokenizerBase):
         return tokenizer
-    return AutoTokenizer.from_pretrained(tokenizer)
+    with reading(tokenizer, "tokenizer"):
+        return AutoTokenizer.from_pretrained(tokenizer)
 
 
 def _from_model_object(model, tokenizer, source_name, description=None, license=None, language=None) -> Source:
@@ -123,12 +124,14 @@ def _from_gguf(folder: Path, gguf_file: str, tokenizer, source_name) -> Source:
     gguf_path = folder / gguf_file
     if not gguf_path.is_file():
         raise ConversionError(f"GGUF file {gguf_path} not found.")
-    # The header alone (fast) names the architecture and license; check it before dequantizing the whole file.
-    metadata, _ = read_gguf_metadata(str(gguf_path), string_arrays=("general.languages",))
+    # The header alone (fast) names the architecture and license; check it (and that the file is whole) before
+    # dequantizing the whole file.
+    metadata = check_gguf_file(gguf_path)
     check_model_type(metadata["general.architecture"])
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    with reading(gguf_path, "GGUF file"):
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     return _from_model_object(
         model,
         tokenizer,
@@ -140,7 +143,9 @@ def _from_gguf(folder: Path, gguf_file: str, tokenizer, source_name) -> Source:
 
 
 def _card_metadata(folder: Path) -> dict:
-    metadata = metadata_load(folder / "README.md") if (folder / "README.md").is_file() else None
+    card = folder / "README.md"
+    with reading(card, "model card"):
+        metadata = metadata_load(card) if card.is_file() else None
     metadata = metadata or {}
     language = metadata.get("language")
     return {"license": metadata.get("license"), "language": [language] if isinstance(language, str) else language}
@@ -158,18 +163,23 @@ def _from_folder(folder: Path, tokenizer, source_name) -> Source:
     if not config_path.is_file():
         raise ConversionError(f"{folder} has no config.json.")
     # Checked on the raw file: AutoConfig would fail less clearly on a type transformers does not know.
-    check_model_type(json.loads(config_path.read_text()).get("model_type"))
-    config = AutoConfig.from_pretrained(folder)
+    check_model_type(read_json(config_path, "config").get("model_type"))
+    with reading(config_path, "config"):
+        config = AutoConfig.from_pretrained(folder)
+    tensors = CheckpointFolderTensors(folder)  # checks the index and every safetensors header now
     if tokenizer is None and any((folder / name).is_file() for name in TOKENIZER_FILES):
         tokenizer = folder
     if (folder / "generation_config.json").is_file():
-        generation_config = GenerationConfig.from_pretrained(folder)
+        generation_config_path = folder / "generation_config.json"
+        read_json(generation_config_path, "generation config")
+        with reading(generation_config_path, "generation config"):
+            generation_config = GenerationConfig.from_pretrained(folder)
     else:
         generation_config = GenerationConfig.from_model_config(config)
     metadata = _card_metadata(folder)
     return Source(
         config=config,
-        tensors=CheckpointFolderTensors(folder),
+        tensors=tensors,
         dtype=_config_dtype(config),
         generation_config=generation_config,
         tokenizer=_as_tokenizer(tokenizer),

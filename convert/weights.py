@@ -17,7 +17,6 @@ stacked here, without transposing:
 | qwen3_moe | `mlp.experts.N.{gate_proj, up_proj, down_proj}`            | `mlp.gate.weight`              |
 """
 
-import json
 import re
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
@@ -25,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from transformers.utils.logging import tqdm
 
 from .config_mapping import ConversionError
+from .reading import read_json, safetensors_names, safetensors_tensor, shard_path, torch_load
 
 
 # Rotary tables are recomputed from the config; old `.bin` checkpoints still carry them as buffers.
@@ -49,20 +48,23 @@ STACKED_EXPERT_PARAMETERS = {"gate_up_proj": ("gate", "up"), "down_proj": ("down
 class CheckpointFolderTensors(Mapping):
     """Read-only `name -> tensor` view of a folder's weights (safetensors preferred, else `.bin`), loaded per access.
 
-    `.bin` shards are read with `torch.load(weights_only=True, mmap=True)`, so no pickled code runs.
+    Every file goes through `reading`, so a bad file stops the conversion with a `ConversionError` naming it. The
+    index and every safetensors header are checked when the view is built, before any model is: a missing shard,
+    a truncated or corrupt one, or an index listing a tensor its shard does not hold fails at once, not after
+    minutes of conversion. `.bin` shards are read with `torch.load(weights_only=True)`, so no pickled code runs.
     """
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self._bin_cache: tuple[Path, dict] | None = None  # (path, tensors) of the last `.bin` shard read
         self._file_of = self._index_weight_files()
+        self._check_safetensors_shards()
 
     def _index_weight_files(self) -> dict[str, Path]:
         layouts = ((SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME), (WEIGHTS_INDEX_NAME, WEIGHTS_NAME))
         for index_name, single_name in layouts:
             if (self.folder / index_name).is_file():
-                weight_map = json.loads((self.folder / index_name).read_text())["weight_map"]
-                return {name: self.folder / file for name, file in weight_map.items()}
+                return self._read_index(self.folder / index_name)
             if (self.folder / single_name).is_file():
                 return {name: self.folder / single_name for name in self._names_in(self.folder / single_name)}
         raise ConversionError(
@@ -70,29 +72,55 @@ class CheckpointFolderTensors(Mapping):
             f"or {WEIGHTS_INDEX_NAME} (for a GGUF file pass gguf_file=...)."
         )
 
+    def _read_index(self, index_path: Path) -> dict[str, Path]:
+        weight_map = read_json(index_path, "weight index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConversionError(f"Cannot read weight index {index_path}: it has no `weight_map` of tensor names.")
+        file_of = {name: shard_path(self.folder, file, index_path) for name, file in weight_map.items()}
+        for path in sorted(set(file_of.values())):
+            if not path.is_file():
+                listed = [name for name, file in file_of.items() if file == path]
+                raise ConversionError(
+                    f"Shard {path} (listed in {index_path.name} for {_format_names(listed, limit=3)}) is missing."
+                )
+        return file_of
+
+    def _check_safetensors_shards(self) -> None:
+        # Opening a safetensors file reads only its header, which safetensors checks against the file's size.
+        listed = defaultdict(set)
+        for name, path in self._file_of.items():
+            listed[path].add(name)
+        for path, names in sorted(listed.items()):
+            if path.suffix != ".safetensors":
+                continue
+            absent = sorted(names - set(safetensors_names(path)))
+            if absent:
+                raise ConversionError(
+                    f"The weight index lists {_format_names(absent, limit=3)} in {path}, which does not hold them."
+                )
+
     def _names_in(self, path: Path) -> list[str]:
         if path.suffix == ".safetensors":
-            with safe_open(path, framework="pt") as file:
-                return list(file.keys())
+            return safetensors_names(path)
         return list(self._load_bin(path))
 
     def _load_bin(self, path: Path) -> dict:
         if self._bin_cache is None or self._bin_cache[0] != path:  # shards are read in order: keep the last one
-            try:
-                tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # the pre-zipfile format (torch < 1.6) cannot be memory-mapped
-                tensors = torch.load(path, map_location="cpu", weights_only=True)
+            tensors = torch_load(path)
+            if not isinstance(tensors, dict):
+                raise ConversionError(f"Cannot read torch checkpoint {path}: it holds a {type(tensors).__name__}, "
+                                      "not a dict of tensors.")
             self._bin_cache = (path, tensors)
         return self._bin_cache[1]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         path = self._file_of[name]
-        if not path.is_file():
-            raise ConversionError(f"{path.name} (listed for {name!r} in the weight index) is missing.")
         if path.suffix == ".safetensors":
-            with safe_open(path, framework="pt") as file:
-                return file.get_tensor(name)
-        return self._load_bin(path)[name]
+            return safetensors_tensor(path, name)
+        tensors = self._load_bin(path)
+        if name not in tensors:
+            raise ConversionError(f"The weight index lists {name} in {path}, which does not hold it.")
+        return tensors[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._file_of)

@@ -20,6 +20,7 @@ from pathlib import Path  # noqa: E402
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 from demo import multimodal, pretrain_shakespeare, smollm2_chat  # noqa: E402
+from demo.time_cap import loud_warning  # noqa: E402
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -43,23 +44,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--skip-pretrain", action="store_true", help="skip the Shakespeare pre-training")
     parser.add_argument(
-        "--train-minutes",
+        "--train-steps",
+        type=int,
+        default=pretrain_shakespeare.DEFAULT_TRAIN_STEPS,
+        help=f"optimizer steps of the Shakespeare pre-training (default: {pretrain_shakespeare.DEFAULT_TRAIN_STEPS}, "
+        f"about {pretrain_shakespeare.DEFAULT_TRAIN_STEPS_MINUTES} min on a quiet 2-core CPU; longer on a busy one)",
+    )
+    parser.add_argument(
+        "--train-time-cap-minutes",
         type=float,
-        default=pretrain_shakespeare.DEFAULT_TRAIN_MINUTES,
-        help=f"time budget of the optimizer steps (default: {pretrain_shakespeare.DEFAULT_TRAIN_MINUTES:g})",
+        default=None,
+        help="stop the Shakespeare training after this many minutes even if steps remain; the run then warns loudly "
+        "and its metrics and the summary say it was cut short (default: no cap)",
     )
     parser.add_argument("--skip-multimodal", action="store_true", help="skip the multimodal training")
     parser.add_argument(
-        "--multimodal-minutes",
+        "--multimodal-steps",
+        type=int,
+        default=multimodal.DEFAULT_TRAIN_STEPS,
+        help=f"optimizer steps of the multimodal training (default: {multimodal.DEFAULT_TRAIN_STEPS}, about "
+        f"{multimodal.DEFAULT_TRAIN_STEPS_MINUTES} min on a quiet 2-core CPU; longer on a busy one)",
+    )
+    parser.add_argument(
+        "--multimodal-time-cap-minutes",
         type=float,
-        default=multimodal.DEFAULT_TRAIN_MINUTES,
-        help=f"time budget of the multimodal optimizer steps (default: {multimodal.DEFAULT_TRAIN_MINUTES:g})",
+        default=None,
+        help="stop the multimodal training after this many minutes even if steps remain, likewise (default: no cap)",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.train_minutes <= 0:
-        parser.error(f"--train-minutes must be positive, got {args.train_minutes}")
+    for option in ("train_steps", "multimodal_steps"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
+    for option in ("train_time_cap_minutes", "multimodal_time_cap_minutes"):
+        if getattr(args, option) is not None and getattr(args, option) <= 0:
+            parser.error(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
     return args
+
+
+def training_text(steps: int, time_cap_minutes: float | None) -> str:
+    cap = "" if time_cap_minutes is None else f", capped at {time_cap_minutes:g} min"
+    return f"{steps} steps of CPU training{cap}"
 
 
 def banner(title: str) -> None:
@@ -81,6 +106,7 @@ def pretrain_section(metrics: dict) -> list[str]:
         f"## AGILLM pre-trained on Shakespeare (`{pretrain_shakespeare.MODEL_FOLDER}/`, "
         f"{metrics['parameters'] / 1e6:.1f}M parameters, {metrics['train_seconds'] / 60:.0f} min on CPU)",
         "",
+        *time_cap_lines(metrics),
         f"Heads {', '.join(head.upper() for head in metrics['config']['heads'])}, loss weights "
         f"{metrics['config']['objective_weights']}. {metrics['steps']} steps, {metrics['tokens_seen']:,} training "
         f"tokens in {metrics['train_seconds']:.0f} s ({metrics['tokens_per_second']:,} tokens/s). Held-out AR perplexity "
@@ -99,6 +125,14 @@ def pretrain_section(metrics: dict) -> list[str]:
     ]
 
 
+def time_cap_lines(metrics: dict) -> list[str]:
+    """A bold warning when the time cap cut the training short (absent from results files of older versions)."""
+    if not metrics.get("stopped_by_time_cap"):
+        return []
+    return [f"**WARNING: training {metrics['time_cap_note']}**: the model is undertrained; these figures are not "
+            "those of a full run.", ""]  # fmt: skip
+
+
 def multimodal_section(metrics: dict) -> list[str]:
     rows = [
         ("digit from image (scikit-learn digits)", "digit_accuracy", "digit"),
@@ -110,6 +144,7 @@ def multimodal_section(metrics: dict) -> list[str]:
         f"## Multimodal AGILLM (`{multimodal.MODEL_FOLDER}/`, {metrics['parameters'] / 1e6:.1f}M parameters, "
         f"{metrics['train_seconds'] / 60:.0f} min on CPU, {metrics['train_steps']} steps)",
         "",
+        *time_cap_lines(metrics),
         "| held-out task | accuracy | test items |",
         "|---|---|---|",
     ]
@@ -162,13 +197,22 @@ def main(argv=None) -> None:
         banner("1. SmolLM2-135M-Instruct -> AGILLM Hub folder -> chat from a fresh process")
         timed(SMOLLM2_STEP, timings, smollm2_chat.run, output_dir, reuse=args.reuse_smollm2)
 
+    cut_short = []  # the parts the time caps stopped early, repeated at the very end so that nobody misses them
     if not args.skip_pretrain:
-        banner(f"2. Pre-train a small AGILLM on Shakespeare ({args.train_minutes:g} min of CPU training)")
-        timed(PRETRAIN_STEP, timings, pretrain_shakespeare.run, output_dir, args.train_minutes, seed=args.seed)
+        text = training_text(args.train_steps, args.train_time_cap_minutes)
+        banner(f"2. Pre-train a small AGILLM on Shakespeare ({text})")
+        metrics = timed(PRETRAIN_STEP, timings, pretrain_shakespeare.run, output_dir, args.train_steps,
+                        seed=args.seed, time_cap_minutes=args.train_time_cap_minutes)
+        if metrics["stopped_by_time_cap"]:
+            cut_short.append(f"Shakespeare pre-training {metrics['time_cap_note']}")
 
     if not args.skip_multimodal:
-        banner(f"3. Train a small multimodal AGILLM ({args.multimodal_minutes:g} min of CPU training)")
-        timed(MULTIMODAL_STEP, timings, multimodal.run, output_dir, args.multimodal_minutes, seed=args.seed)
+        text = training_text(args.multimodal_steps, args.multimodal_time_cap_minutes)
+        banner(f"3. Train a small multimodal AGILLM ({text})")
+        metrics = timed(MULTIMODAL_STEP, timings, multimodal.run, output_dir, args.multimodal_steps, seed=args.seed,
+                        time_cap_minutes=args.multimodal_time_cap_minutes)
+        if metrics["stopped_by_time_cap"]:
+            cut_short.append(f"multimodal training {metrics['time_cap_note']}")
 
     timings_path.write_text(json.dumps(timings, indent=2), encoding="utf-8")
     summary_path = output_dir / SUMMARY_NAME
@@ -178,6 +222,9 @@ def main(argv=None) -> None:
         print(f"  {step:<55} {seconds:7.1f} s")
     print(f"  {'this run, in all':<55} {time.perf_counter() - started:7.1f} s")
     print(f"  results: {summary_path}")
+    if cut_short:
+        print(loud_warning(*cut_short, "Those models are undertrained: re-run without the time cap for the full run."),
+              flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ heads' losses, `config.objective_weights`). `bench/decoding.py` decodes with thi
 Steps (each prints its own progress):
     1. tokenize the plays with the shipped tokenizer and pack them into fixed blocks (`datasets.Dataset.map`);
        the held-out plays (hamlet, the-tempest) are never trained on;
-    2. train with `Trainer` for a wall-clock budget: warmup and cosine decay run on the fraction of the budget
-       spent (`TimeBudget`), so the learning rate reaches zero when the time is up however fast the machine is,
-       and each head's held-out loss is evaluated at the start, at fixed fractions of the budget, and at the end;
+    2. train with `Trainer` for a number of steps (the same model on any machine; `DEFAULT_TRAIN_STEPS` took about
+       6 minutes on a quiet 2-core CPU): linear warmup, cosine decay to zero at the last step, and each head's
+       held-out loss evaluated at the start, at fixed fractions of the steps, and at the end. An optional time cap
+       (`time_cap.TimeCap`) stops training early on a slow machine and says so loudly;
     3. plot the loss curve, save the model as a Hub-ready folder (model, tokenizer, processor, generation config,
        model card) and sample from it in a fresh process that loads it as remote code.
 """
@@ -24,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset
-from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 from transformers import (
     AutoTokenizer,
@@ -40,6 +40,7 @@ from transformers import (
 from configuration_agillm import AgillmConfig
 from corpus.shakespeare import HELD_OUT_PLAYS, train_and_held_out
 from demo.chat_in_fresh_process import run_in_fresh_process
+from demo.time_cap import TimeCap
 from modeling_agillm import AgillmForCausalLM
 from processing_agillm import AgillmProcessor
 from tokenizer import TOKENIZER_DIR
@@ -51,11 +52,12 @@ PLOT_FILE = "shakespeare_loss.png"
 METRICS_FILE = "pretrain_metrics.json"
 BLOCK_SIZE = 256  # tokens per training sequence, and the context length of the saved model
 # One step trains three heads (AR, SAT, and NAT, which runs the trunk over clean + noised copies): ~4x the compute of
-# an AR-only step, so the budget is 6 minutes (the AR-only model had 4).
-DEFAULT_TRAIN_MINUTES = 6.0
+# an AR-only step. 585 steps is what the former 6-minute wall-clock budget reached on a quiet 2-core CPU (the AR-only
+# model had 4 minutes); a step count gives the same model on a busy machine, only later.
+DEFAULT_TRAIN_STEPS = 585
+DEFAULT_TRAIN_STEPS_MINUTES = 6  # what DEFAULT_TRAIN_STEPS took on a quiet 2-core CPU (README), for help texts
 EVAL_BLOCKS = 64  # held-out blocks scored at every evaluation: the same ones each time, spread over both plays
 EVALS_DURING_TRAINING = 3  # evaluations between the one at the start and the one at the end
-MAX_EPOCHS = 20  # a bound on steps for the Trainer; the time budget is what ends training
 REPORTED_CONFIG_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings", "heads",
@@ -93,7 +95,7 @@ class TrainingPlan:
 
     batch_size: int = 4
     learning_rate: float = 3e-3
-    warmup_fraction: float = 0.08  # of the time budget
+    warmup_fraction: float = 0.08  # of the training steps
     weight_decay: float = 0.1
     max_grad_norm: float = 1.0
     loss_points: int = 40  # train-loss log entries over the run (points of the loss curve)
@@ -168,101 +170,79 @@ def build_datasets(tokenizer, block_size: int = BLOCK_SIZE, eval_blocks: int = E
     return train.with_format("torch"), held_out.select(picked).with_format("torch")
 
 
-# --------------------------------------------------------------------------------------------------- schedule
+# --------------------------------------------------------------------------------------------------- training
 
 
-class TimeBudget(TrainerCallback):
-    """Runs training on a wall-clock budget: learning-rate schedule, logging, evaluations and the stop.
+class StepBudget(TrainerCallback):
+    """The end of a run of `max_steps` steps, and the optional time cap that can end it sooner.
 
-    Only the time inside optimizer steps counts (evaluations do not). With `budget.fraction` the share of the budget
-    spent so far, the learning rate warms up linearly over the first `warmup_fraction` and then follows a cosine to
-    zero at 1.0, where training stops. A step-count schedule would need the step time in advance, and on a shared
-    CPU that changes by 2x within minutes. The callback also shows a progress bar over the budget in place of the
-    Trainer's per-step bar (whose step total is unknown here).
+    The Trainer's own schedule (warmup then cosine to zero at `max_steps`), loss logging and evaluations at fixed
+    fractions of the steps come from `TrainingArguments`; this callback adds a last loss entry at the final step
+    (the logging interval rarely divides the step count) and, when the cap passes, stops with a last loss entry
+    and evaluation so the metrics describe the model as it was left. It also times the optimizer steps alone
+    (evaluations excluded), for tokens per second, and the whole training (evaluations included).
     """
 
-    def __init__(self, seconds: float, warmup_fraction: float, evaluations: int, loss_points: int):
-        if seconds <= 0:
-            raise ValueError(f"the time budget must be positive, got {seconds} s")
-        self.seconds = seconds
-        self.warmup_fraction = warmup_fraction
-        self.spent_seconds = 0.0
-        self._eval_marks = [i / (evaluations + 1) for i in range(1, evaluations + 1)]
-        self._log_marks = [i / loss_points for i in range(1, loss_points)]
+    def __init__(self, cap: TimeCap):
+        self.cap = cap
+        self.step_seconds = 0.0
+        self.wall_seconds = 0.0
         self._step_started = None
-        self._bar = None
-
-    @property
-    def fraction(self) -> float:
-        return min(1.0, self.spent_seconds / self.seconds)
-
-    def lr_factor(self, _step: int) -> float:
-        """Multiplier of the peak learning rate (a `LambdaLR` function; the step count is not used)."""
-        if self.fraction < self.warmup_fraction:
-            return self.fraction / self.warmup_fraction
-        progress = (self.fraction - self.warmup_fraction) / (1.0 - self.warmup_fraction)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    @staticmethod
-    def _passed(marks: list[float], fraction: float) -> bool:
-        """Whether the next mark was reached (consuming every mark passed since, so a slow step fires once)."""
-        reached = False
-        while marks and marks[0] <= fraction:
-            marks.pop(0)
-            reached = True
-        return reached
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._bar = tqdm(total=round(self.seconds), desc="Training", unit="s", dynamic_ncols=True)
+        self.cap.start()
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.spent_seconds += time.perf_counter() - self._step_started
-        self._bar.update(round(min(self.spent_seconds, self.seconds)) - self._bar.n)
-        self._bar.set_postfix(step=state.global_step, refresh=False)
-        if state.global_step == 1 or self._passed(self._log_marks, self.fraction):
-            control.should_log = True
-        if self._passed(self._eval_marks, self.fraction):
-            control.should_evaluate = True
-        if self.fraction >= 1.0:  # the end: stop, with a last loss entry and the final evaluation
+        self.step_seconds += time.perf_counter() - self._step_started
+        if state.global_step >= state.max_steps:
+            control.should_log = True  # the Trainer itself evaluates at the last step
+        elif self.cap.should_stop(state.global_step):
             control.should_training_stop = control.should_log = control.should_evaluate = True
         return control
 
+    def on_train_end(self, args, state, control, **kwargs):
+        self.wall_seconds = self.cap.elapsed_seconds
+        self.cap.warn_if_stopped("Shakespeare pre-training", "--train-time-cap-minutes")
+
+
+class StepProgressBar(ProgressCallback):
+    """The Trainer's step bar (count, rate and ETA in steps) with the latest train loss and learning rate beside it
+    and one line per evaluation, in place of the raw log dictionaries the Trainer's bar prints."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.training_bar = tqdm(total=state.max_steps, desc="Training", unit="step", dynamic_ncols=True)
+        self.current_step = 0
+
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.training_bar is None:
+            return
         if "loss" in logs:
-            loss, learning_rate = f"{logs['loss']:.3f}", f"{logs['learning_rate']:.1e}"
-            self._bar.set_postfix(step=state.global_step, loss=loss, lr=learning_rate)
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", lr=f"{logs['learning_rate']:.1e}")
         if "eval_ar_loss" in logs:
             heads = ", ".join(f"{key[len('eval_'):-len('_loss')].upper()} {value:.3f}"
                               for key, value in logs.items() if key.startswith("eval_") and key != "eval_loss")
-            self._bar.write(f"  step {state.global_step}: held-out loss {heads} "
-                            f"(AR perplexity {perplexity(logs['eval_ar_loss']):,.1f})")  # fmt: skip
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self._bar.close()
+            self.training_bar.write(f"  step {state.global_step}: held-out loss {heads} "
+                                    f"(AR perplexity {perplexity(logs['eval_ar_loss']):,.1f})")  # fmt: skip
 
 
-class TimeBudgetTrainer(Trainer):
-    """`Trainer` on a `TimeBudget` schedule that logs and evaluates every head's loss, not only their weighted sum.
+class MultiHeadTrainer(Trainer):
+    """`Trainer` that logs and evaluates every head's loss, not only their weighted sum, on a `StepBudget`.
 
     The model computes the training loss itself (`forward(labels=...)`); this class only reads the per-head
     losses it returns alongside (`objective_losses`) into the train logs, and evaluates each head on its own.
     """
 
-    def __init__(self, *args, budget: TimeBudget, **kwargs):
+    def __init__(self, *args, step_budget: StepBudget, **kwargs):
         super().__init__(*args, **kwargs)
-        self.budget = budget
-        self.remove_callback(ProgressCallback)  # the budget's own bar replaces the per-step bar
-        self.add_callback(budget)
+        self.step_budget = step_budget
+        self.remove_callback(ProgressCallback)
+        self.add_callback(StepProgressBar())
+        self.add_callback(step_budget)
         self._head_loss_sums: dict[str, float] = {}
         self._head_loss_counts: dict[str, int] = {}
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        if self.lr_scheduler is None:
-            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, self.budget.lr_factor)
-        return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
@@ -406,9 +386,9 @@ model.generate(**inputs, max_new_tokens=64, do_sample=False, generation_mode="sa
   tokens (stride gate trained on its target), NAT fills block-causal blocks of {nat_block_size} tokens.
 - Loss: the model's own multi-objective loss, {weights_text}.
 - Optimization: AdamW, peak learning rate {learning_rate:g}, linear warmup over the first {warmup_percent:.0f}% of
-  the time budget then cosine decay to zero at its end; batch {batch_size} x {block_size} tokens, weight decay
-  {weight_decay:g}, gradient clipping {max_grad_norm:g}, {precision}: {steps} steps, {tokens_seen:,} tokens
-  ({tokens_per_second:,} tokens/s).
+  {requested_steps} steps then cosine decay to zero at the last; batch {batch_size} x {block_size} tokens, weight
+  decay {weight_decay:g}, gradient clipping {max_grad_norm:g}, {precision}: {steps} steps, {tokens_seen:,} tokens
+  ({tokens_per_second:,} tokens/s).{time_cap_text}
 
 ## Evaluation
 
@@ -442,6 +422,8 @@ def write_model_card(folder: Path, metrics: dict) -> None:
                  heads_text="; ".join(HEAD_DESCRIPTIONS[head] for head in metrics["config"]["heads"]),
                  weights_text=" + ".join(f"{weight:g} x {head.upper()}" for head, weight in weights.items()),
                  evaluation_table=evaluation_table(metrics),
+                 time_cap_text=f"\n- **Training was cut short**: {metrics['time_cap_note']}; the learning rate had "
+                               "not decayed to zero." if metrics["stopped_by_time_cap"] else "",
                  precision="bf16 autocast (fp32 weights)" if metrics["plan"]["bf16"] else "fp32")  # fmt: skip
     (folder / "README.md").write_text(MODEL_CARD.format(**facts), encoding="utf-8")
 
@@ -464,7 +446,9 @@ def save_hub_folder(model, tokenizer, folder: Path) -> None:
 
 
 def training_arguments(output_dir: str, plan: TrainingPlan, max_steps: int, seed: int) -> TrainingArguments:
-    """Trainer settings; schedule, logging and evaluation times come from the `TimeBudget` callback."""
+    """Trainer settings: `max_steps` steps, linear warmup over `plan.warmup_fraction` of them then cosine decay to
+    zero at the last; train-loss entries and evaluations at fixed fractions of the steps (ratios below 1 are
+    fractions of `max_steps` to the Trainer), plus one evaluation at the start and one at the end."""
     return TrainingArguments(
         output_dir=output_dir,
         use_cpu=True,
@@ -477,27 +461,32 @@ def training_arguments(output_dir: str, plan: TrainingPlan, max_steps: int, seed
         learning_rate=plan.learning_rate,
         weight_decay=plan.weight_decay,
         max_grad_norm=plan.max_grad_norm,
-        logging_strategy="no",  # the callback logs at fixed fractions of the budget
-        eval_strategy="no",  # likewise for evaluations
+        lr_scheduler_type="cosine",
+        warmup_steps=plan.warmup_fraction,
+        logging_strategy="steps",
+        logging_steps=1 / plan.loss_points,
+        logging_first_step=True,
+        eval_strategy="steps",
+        eval_steps=1 / (EVALS_DURING_TRAINING + 1),
         eval_on_start=True,  # the "before" perplexity, on the same blocks as every later evaluation
         save_strategy="no",  # the model is saved once, as a Hub folder, at the end
         dataloader_drop_last=True,
     )
 
 
-def train(model, train_dataset, eval_dataset, plan: TrainingPlan, budget_seconds: float, seed: int) -> Trainer:
-    """Train until the time budget is spent; the Trainer's state holds the losses and evaluations."""
-    budget = TimeBudget(budget_seconds, plan.warmup_fraction, EVALS_DURING_TRAINING, plan.loss_points)
-    # An upper bound only (several epochs); on a CPU the time budget ends training long before.
-    max_steps = MAX_EPOCHS * (len(train_dataset) // plan.batch_size)
+def train(model, train_dataset, eval_dataset, plan: TrainingPlan, steps: int, seed: int,
+          time_cap_minutes: float | None = None) -> MultiHeadTrainer:
+    """Train for `steps` optimizer steps, or fewer if `time_cap_minutes` of wall clock pass first (with a loud
+    warning; `trainer.step_budget.cap` records it). The Trainer's state holds the losses and evaluations."""
+    step_budget = StepBudget(TimeCap(time_cap_minutes, steps))
     with tempfile.TemporaryDirectory(prefix="agillm-trainer-") as scratch:  # Trainer wants a folder; no checkpoints
-        trainer = TimeBudgetTrainer(
+        trainer = MultiHeadTrainer(
             model=model,
-            args=training_arguments(scratch, plan, max_steps, seed),
+            args=training_arguments(scratch, plan, steps, seed),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             data_collator=default_data_collator,
-            budget=budget,
+            step_budget=step_budget,
         )
         trainer.train()
     return trainer
@@ -507,7 +496,7 @@ def training_metrics(trainer: Trainer, train_dataset, eval_dataset, plan: Traini
     """What the run did and reached: written to `METRICS_FILE` and the model card."""
     config = trainer.model.config
     state = trainer.state
-    budget = trainer.budget
+    step_budget = trainer.step_budget
     tokens_seen = state.global_step * plan.batch_size * BLOCK_SIZE
     evaluations = [entry for entry in state.log_history if "eval_ar_loss" in entry]
     head_losses = [{head: entry[f"eval_{head}_loss"] for head in config.heads} for entry in evaluations]
@@ -523,8 +512,10 @@ def training_metrics(trainer: Trainer, train_dataset, eval_dataset, plan: Traini
         "block_size": BLOCK_SIZE,
         "steps": state.global_step,
         "tokens_seen": tokens_seen,
-        "train_seconds": round(budget.spent_seconds, 1),
-        "tokens_per_second": round(tokens_seen / budget.spent_seconds),
+        **step_budget.cap.metrics(),  # requested steps, the time cap and whether it cut the run short
+        "train_seconds": round(step_budget.step_seconds, 1),  # optimizer steps only
+        "train_wall_seconds": round(step_budget.wall_seconds, 1),  # evaluations included
+        "tokens_per_second": round(tokens_seen / step_budget.step_seconds),
         "held_out_losses_before": head_losses[0],
         "held_out_losses_after": head_losses[-1],
         "perplexity_before": round(perplexity(head_losses[0]["ar"]), 2),
@@ -533,10 +524,10 @@ def training_metrics(trainer: Trainer, train_dataset, eval_dataset, plan: Traini
     }
 
 
-def run(output_dir: Path, train_minutes: float = DEFAULT_TRAIN_MINUTES, seed: int = 0) -> dict:
+def run(output_dir: Path, train_steps: int = DEFAULT_TRAIN_STEPS, seed: int = 0,
+        time_cap_minutes: float | None = None) -> dict:
     """Pre-train, evaluate, save, sample; returns the metrics (also written to `output_dir / METRICS_FILE`)."""
-    if train_minutes <= 0:
-        raise ValueError(f"train_minutes must be positive, got {train_minutes}")
+    TimeCap(time_cap_minutes, train_steps)  # checks both before the data and model are built
     output_dir.mkdir(parents=True, exist_ok=True)
     model_dir = output_dir / MODEL_FOLDER
     plan = TrainingPlan()
@@ -548,12 +539,13 @@ def run(output_dir: Path, train_minutes: float = DEFAULT_TRAIN_MINUTES, seed: in
     print(f"  {len(train_dataset):,} training blocks, {len(eval_dataset)} held-out blocks of {BLOCK_SIZE} tokens; "
           f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")  # fmt: skip
 
-    trainer = train(model, train_dataset, eval_dataset, plan, 60 * train_minutes, seed)
+    trainer = train(model, train_dataset, eval_dataset, plan, train_steps, seed, time_cap_minutes)
     metrics = training_metrics(trainer, train_dataset, eval_dataset, plan)
     print(f"\n  held-out AR perplexity ({', '.join(HELD_OUT_PLAYS)}; {len(eval_dataset)} blocks): "
           f"{metrics['perplexity_before']:,.1f} before training -> {metrics['perplexity_after']:,.1f} after "
           f"{metrics['steps']} steps ({metrics['tokens_seen']:,} tokens); held-out loss per head: "
-          + ", ".join(f"{head.upper()} {loss:.3f}" for head, loss in metrics["held_out_losses_after"].items()),
+          + ", ".join(f"{head.upper()} {loss:.3f}" for head, loss in metrics["held_out_losses_after"].items())
+          + (f"; CUT SHORT: {metrics['time_cap_note']}" if metrics["stopped_by_time_cap"] else ""),
           flush=True)  # fmt: skip
 
     plot_path = output_dir / PLOT_FILE

@@ -39,6 +39,7 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 from transformers import get_cosine_schedule_with_warmup, set_seed  # noqa: E402
 
 from configuration_agillm import AgillmVQVAEConfig  # noqa: E402
@@ -176,7 +177,8 @@ def train_vqvae(
                                                 num_training_steps=steps)
     generator = torch.Generator().manual_seed(seed)
     history, start = [], time.perf_counter()
-    for step in range(1, steps + 1):
+    bar = tqdm(range(1, steps + 1), desc="[vqvae] training", unit="step", file=sys.stderr, dynamic_ncols=True)
+    for step in bar:
         pixel_values = balanced_batch(images, batch_size, generator)
         output = model(pixel_values)
         output.loss.backward()
@@ -187,8 +189,8 @@ def train_vqvae(
             reconstruction_mse = F.mse_loss(output.reconstruction.detach(), pixel_values).item()
             history.append({"step": step, "loss": output.loss.item(), "reconstruction_mse": reconstruction_mse,
                             "perplexity": output.perplexity.item(), "codebook_usage": model.codebook_usage()})
-            print(f"[vqvae] step {step}/{steps} loss {output.loss.item():.4f} mse {reconstruction_mse:.4f} "
-                  f"perplexity {output.perplexity.item():.1f} usage {model.codebook_usage():.2f}", file=sys.stderr)
+            bar.write(f"[vqvae] step {step}/{steps} loss {output.loss.item():.4f} mse {reconstruction_mse:.4f} "
+                      f"perplexity {output.perplexity.item():.1f} usage {model.codebook_usage():.2f}", file=sys.stderr)
     seconds = time.perf_counter() - start
     model.eval()
     return model, {"history": history, "train_seconds": seconds, "steps": steps, "batch_size": batch_size,

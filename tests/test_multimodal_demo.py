@@ -1,21 +1,54 @@
-"""The multimodal demo end to end on a short budget, with the tasks CI has data for (scikit-learn's digits):
+"""The multimodal demo end to end on a short step budget, with the tasks CI has data for (scikit-learn's digits):
 digit recognition from images and text -> digit image. The full run (emoji, spoken digits) needs
-`make data-multimodal`; its figures are in the README."""
+`make data-multimodal`; its figures are in the README. Also: the optional time cap stops training early, loudly."""
 
 import json
 
 import pytest
+from transformers import AutoTokenizer
 
 from demo import multimodal
 from test_integration import run_isolated
+from tokenizer import TOKENIZER_DIR
+from vqvae_agillm import AgillmVQVAE
+
+
+SHORT_RUN_STEPS = 60
 
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("multimodal")
-    metrics = multimodal.run(output_dir, minutes=0.5, tasks=("digit", "draw"), vq_steps=10,
+    metrics = multimodal.run(output_dir, steps=SHORT_RUN_STEPS, tasks=("digit", "draw"), vq_steps=10,
                              images_dir=output_dir / "images")
     return output_dir, metrics
+
+
+def test_without_a_time_cap_the_requested_steps_run_exactly(short_run):
+    _, metrics = short_run
+    assert metrics["train_steps"] == metrics["requested_steps"] == SHORT_RUN_STEPS
+    assert metrics["time_cap_minutes"] is None and metrics["time_cap_note"] is None
+    assert not metrics["stopped_by_time_cap"]
+    assert [entry["step"] for entry in metrics["train_log"]] == list(range(0, SHORT_RUN_STEPS, multimodal.LOG_EVERY))
+
+
+def test_time_cap_stops_training_early_and_reports_it(short_run, capsys):
+    """A cap far below one step's time stops after the first step, and the cap says so (stderr and metrics)."""
+    output_dir, _ = short_run
+    vqvae = AgillmVQVAE.from_pretrained(output_dir / multimodal.VQ_FOLDER).eval()
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    config = multimodal.build_config(tokenizer, vqvae)
+    processor = multimodal.build_processor(tokenizer, config)
+    train_sets, _, _ = multimodal.load_tasks(processor, vqvae, config, ("digit",), seed=0)
+    requested = 200
+    log, steps, cap = multimodal.train(multimodal.AgillmForConditionalGeneration(config), train_sets, requested,
+                                       seed=0, time_cap_minutes=0.01)
+    assert 1 <= steps < requested and log[0]["step"] == 0
+    assert cap.metrics() == {"requested_steps": requested, "time_cap_minutes": 0.01, "stopped_by_time_cap": True,
+                             "time_cap_note": f"stopped by the time cap (0.01 min) at step {steps} of {requested}"}
+    warning = capsys.readouterr().err
+    assert "WARNING: Multimodal training stopped by the time cap" in warning
+    assert "--multimodal-time-cap-minutes" in warning
 
 
 def mean_loss(entries):

@@ -32,9 +32,17 @@ SPECIAL_TOKENS = [
     "<|audio_end|>",  # 11
 ] + [f"<|reserved_{i}|>" for i in range(20)]  # 12..31: kept free for later heads and modalities
 
+# ChatML. `{% generation %}` marks what the model writes in an assistant turn (its content and the closing
+# `<|im_end|>`, so it learns to stop): `apply_chat_template(..., return_assistant_tokens_mask=True)` returns it as
+# `assistant_masks`, which TRL's `SFTConfig(assistant_only_loss=True)` trains on. The markers render nothing.
+# processing_agillm.TEXT_CHAT_TEMPLATE is a copy (remote code cannot import this file); tests keep them equal.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
+    "{{ '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
