@@ -6,11 +6,12 @@
 `python -m bench kv_table [--quick] [...]`: KV-cache bytes/token and held-out perplexity per cache (`bench.kv_table`).
 `python -m bench vqvae [--quick] [...]`: the VQ-VAE image tokenizer on held-out real images (`bench.vqvae`).
 `python -m bench multimodal [--quick] [...]`: the multimodal AGILLM's held-out accuracies (`bench.multimodal`).
+`python -m bench scale_out`: TP / EP / PP / FSDP2 / DeepSpeed ZeRO / disk offload vs one process (`bench.scale_out`).
 """
 
 import sys
 
-from . import compare_llama, decoding, kv_table, moe, moe_routing, mtp, multimodal, vqvae
+from . import compare_llama, decoding, kv_table, moe, moe_routing, mtp, multimodal, scale_out, vqvae
 
 
 if __name__ == "__main__":
@@ -28,5 +29,7 @@ if __name__ == "__main__":
         vqvae.main(sys.argv[2:])
     elif sys.argv[1:2] == ["multimodal"]:
         multimodal.main(sys.argv[2:])
+    elif sys.argv[1:2] == ["scale_out"]:
+        scale_out.main(sys.argv[2:])
     else:
         compare_llama.main()
