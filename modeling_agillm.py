@@ -1880,7 +1880,10 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         kwargs.pop("num_items_in_batch", None)  # each objective averages over its own targets
         losses, ar_output = {}, None
         for objective in self._training_objectives():
-            output = self(**inputs, labels=labels, objective=objective, use_cache=False, **kwargs)
+            # The class's forward, not `self(...)`: wrappers that engines install on the instance (accelerate's
+            # mixed-precision `torch.autocast` around `model.forward`, offload hooks) already wrap this call, and
+            # re-entering the same autocast object from inside itself leaves autocast switched on after training.
+            output = type(self).forward(self, **inputs, labels=labels, objective=objective, use_cache=False, **kwargs)
             losses[objective] = output.loss
             if objective == "ar":
                 ar_output = output

@@ -395,3 +395,18 @@ def test_a_missing_head_or_bad_objective_is_refused():
         model(ids(), objective="mtp")
     with pytest.raises(ValueError, match="ALiBi|alibi"):
         tiny_model(position_embedding_type="alibi", attn="flex_attention")(ids())
+
+
+def test_multi_objective_forward_under_an_autocast_wrapper_restores_autocast():
+    """accelerate's bf16 mixed precision wraps `model.forward` in one `torch.autocast` object. The multi-objective loss
+    runs one pass per head; calling the wrapped forward again from inside re-entered that object, whose exit then
+    restored "enabled" and left bf16 autocast on for the rest of the process (a later model trained in bf16)."""
+    from types import MethodType
+
+    model = tiny_model(heads=["ar", "sat", "nat"]).train()
+    model.forward = MethodType(torch.autocast("cpu", dtype=torch.bfloat16)(type(model).forward), model)
+    ids = torch.randint(32, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    assert not torch.is_autocast_enabled("cpu")
+    loss = model(ids, labels=ids).loss
+    assert not torch.is_autocast_enabled("cpu")
+    assert torch.isfinite(loss)
