@@ -431,6 +431,15 @@ class AgillmConfig(PreTrainedConfig):
         nat_block_size (`int`, *optional*): `None` is AGILLM 4.x's NAT, fully bidirectional over the whole
             sequence. An integer makes NAT block-causal (each block sees earlier blocks and itself) and trains it
             the way it decodes: block by block, with an exact KV cache of finished blocks.
+        cross_entropy_chunk_size (`int`, *optional*): opt-in memory saving for training (`None` = off, the stock
+            loss). When set, a model in training mode given `labels` computes every head's cross-entropy (AR, SAT
+            with its gate target, NAT, MTP) from the hidden states this many tokens at a time (`losses_agillm.py`):
+            the `tokens x vocab_size` logits, their fp32 copy and their gradients never exist, only a few
+            `cross_entropy_chunk_size x vocab_size` fp32 buffers. Loss and gradients equal the stock path's. As with
+            Liger-Kernel's fused loss, the output's `logits` is then `None` (`gate_logits` are still returned);
+            evaluation and calls without labels are unchanged, and DiffusionBlocks training keeps the stock loss.
+            The head projections must be plain `nn.Linear`s (no LoRA on a head, no tensor-parallel or offloaded
+            heads). 256 cut the peak memory of a vocab-49,152 training step to 0.17x (bench/fused_cross_entropy.md).
         diffusion_blocks (`dict`, *optional*): DiffusionBlocks training (`None` = off; diffusion_blocks_agillm.py).
             In training mode, `forward(labels=...)` then trains ONE layer group per step as an EDM denoiser at that
             group's noise band, and `generate(generation_mode="diffusion_euler")` samples through the same groups.
@@ -572,6 +581,7 @@ class AgillmConfig(PreTrainedConfig):
     nat_mask_token_id: int = 3
     nat_block_size: int | None = 8
     diffusion_blocks: dict | None = None
+    cross_entropy_chunk_size: int | None = None
 
     num_mtp_layers: int = 0
     mtp_layer_types: list[str] | None = None
@@ -1031,6 +1041,9 @@ class AgillmConfig(PreTrainedConfig):
             raise ValueError(f"sat_block_size must be at least 2, got {self.sat_block_size}.")
         if self.nat_block_size is not None and self.nat_block_size < 1:
             raise ValueError(f"nat_block_size must be a positive integer or None, got {self.nat_block_size}.")
+        if self.cross_entropy_chunk_size is not None and self.cross_entropy_chunk_size <= 0:  # the type is checked
+            raise ValueError(f"cross_entropy_chunk_size must be a positive integer or None, got "
+                             f"{self.cross_entropy_chunk_size}.")
         if not 0 <= self.nat_mask_token_id < self.vocab_size:
             raise ValueError(f"nat_mask_token_id ({self.nat_mask_token_id}) must be a token id below vocab_size.")
         smoothing = self.label_smoothing if isinstance(self.label_smoothing, dict) else {"all": self.label_smoothing}

@@ -67,11 +67,13 @@ try:  # a saved model folder (remote code): sibling modules of the same package
     from .configuration_agillm import AgillmAudioConfig, AgillmConfig, AgillmVisionConfig
     from .diffusion_blocks_agillm import DiffusionBlocksState, diffusion_blocks_training_step, diffusion_euler_generate
     from .generation_agillm import GENERATION_MODES, agillm_generate
+    from .losses_agillm import head_cross_entropy
     from .vqvae_agillm import AgillmVQVAE
 except ImportError:  # this repository, imported as top-level modules
     from configuration_agillm import AgillmAudioConfig, AgillmConfig, AgillmVisionConfig
     from diffusion_blocks_agillm import DiffusionBlocksState, diffusion_blocks_training_step, diffusion_euler_generate
     from generation_agillm import GENERATION_MODES, agillm_generate
+    from losses_agillm import head_cross_entropy
     from vqvae_agillm import AgillmVQVAE
 
 
@@ -488,6 +490,16 @@ def eager_attention_forward(
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()
     return attn_output, attn_weights
+
+
+def attention_function_declares(config, capability: str) -> bool:
+    """Whether the selected attention function declares `capability` as a truthy attribute of itself.
+
+    Registered kernels (e.g. `kernels/attention.py`) say what they do themselves: `computes_alibi` (takes ALiBi as
+    `alibi_slopes` / `alibi_query_positions` / `alibi_key_positions` / `alibi_kind` kwargs instead of a dense bias
+    folded into the mask) and `supports_block_masks` (any boolean mask pattern: SAT/NAT blocks, bidirectional).
+    """
+    return bool(getattr(ALL_ATTENTION_FUNCTIONS.get(config._attn_implementation), capability, False))
 
 
 def attend(module: nn.Module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -1378,20 +1390,23 @@ class AgillmModel(AgillmPreTrainedModel):
         return positions[:, :kv_length]
 
     def attention_masks(
-        self, objective, inputs_embeds, attention_mask, past_key_values, position_ids, block_sequence_ids=None
+        self, objective, inputs_embeds, attention_mask, past_key_values, position_ids, block_sequence_ids=None,
+        fold_alibi: bool = True,
     ) -> dict:
         """The mask of every layer type for `objective`, with ALiBi folded in: what the decoder layers receive.
 
         `block_sequence_ids` (AR only) lets each image's / clip's placeholder tokens see each other both ways.
         `generate` with a compileable cache passes the masks pre-built (a dict), which are used as they are.
+        `fold_alibi=False` (what `forward` passes when the attention function `computes_alibi`) leaves ALiBi out:
+        `alibi_kwargs` hands it to the kernel instead. Other callers get the bias folded in, which every backend
+        that takes ALiBi accepts.
         """
         masks = attention_mask
         if not isinstance(masks, dict):
             masks = self._objective_masks(
                 objective, inputs_embeds, attention_mask, past_key_values, position_ids, block_sequence_ids
             )
-        if self.config.uses_alibi and not (self.config.position_embedding_type == "agillm_alibi" and objective == "ar"):
-            # (AGILLM 4.x's clamped ALiBi is exactly zero on every key a causal query sees, so AR skips it.)
+        if self._needs_alibi(objective) and fold_alibi:
             bias = self._alibi_bias(inputs_embeds, attention_mask, past_key_values, position_ids, masks)
             masks = {kind: add_bias_to_mask(mask, bias) for kind, mask in masks.items()}
         return masks
@@ -1435,20 +1450,53 @@ class AgillmModel(AgillmPreTrainedModel):
             return attention_mask.shape[-1]
         return inputs_embeds.shape[1]
 
-    def _alibi_bias(self, inputs_embeds, attention_mask, past_key_values, position_ids, masks) -> torch.Tensor:
-        if self.config._attn_implementation not in ("eager", "sdpa"):
-            raise ValueError(
-                f"position_embedding_type={self.config.position_embedding_type!r} adds ALiBi to the attention mask, "
-                f"which needs attn_implementation 'eager' or 'sdpa', not {self.config._attn_implementation!r}."
-            )
+    def _needs_alibi(self, objective: str) -> bool:
+        """Whether `objective` attends with an ALiBi bias (AGILLM 4.x's clamped ALiBi is exactly zero on every key a
+        causal query sees, so AR skips it)."""
+        config = self.config
+        return config.uses_alibi and not (config.position_embedding_type == "agillm_alibi" and objective == "ar")
+
+    @property
+    def _kernel_computes_alibi(self) -> bool:
+        return self.config.uses_alibi and attention_function_declares(self.config, "computes_alibi")
+
+    def _alibi_positions(self, inputs_embeds, attention_mask, past_key_values, position_ids, masks):
+        """Absolute query positions `[batch, q]` and key positions `[batch, kv]` the ALiBi distances are taken from."""
         kv_length = next((m.shape[-1] for m in masks.values() if m is not None), None)
         kv_length = kv_length or self._kv_length(inputs_embeds, attention_mask, past_key_values)
         batch_size = inputs_embeds.shape[0]
         key_positions = self._key_positions(attention_mask, past_key_values, position_ids, batch_size, kv_length)
-        query_positions = position_ids.expand(batch_size, -1)
+        return position_ids.expand(batch_size, -1), key_positions
+
+    def _alibi_bias(self, inputs_embeds, attention_mask, past_key_values, position_ids, masks) -> torch.Tensor:
+        if self.config._attn_implementation not in ("eager", "sdpa") and not self._kernel_computes_alibi:
+            raise ValueError(
+                f"position_embedding_type={self.config.position_embedding_type!r} adds ALiBi to the attention mask, "
+                f"which needs attn_implementation 'eager' or 'sdpa' (or a kernel that computes ALiBi itself, e.g. "
+                f"'agillm' from `kernels`), not {self.config._attn_implementation!r}."
+            )
+        positions = self._alibi_positions(inputs_embeds, attention_mask, past_key_values, position_ids, masks)
         slopes = alibi_slopes(self.config.num_attention_heads)  # H floats: cheaper to rebuild than to keep in sync
-        bias = alibi_bias(slopes, query_positions, key_positions, self.config.position_embedding_type)
+        bias = alibi_bias(slopes, *positions, self.config.position_embedding_type)
         return bias.to(inputs_embeds.dtype)
+
+    def alibi_kwargs(self, objective, inputs_embeds, attention_mask, past_key_values, position_ids, masks) -> dict:
+        """ALiBi as an attention function that `computes_alibi` reads it: slopes, kind and absolute positions.
+
+        Built once per forward; the kernel adds `-m_h |j - i|` (`alibi`) or `-m_h max(j - i, 0)` (`agillm_alibi`)
+        itself, exactly the bias `alibi_bias` would have folded into the mask.
+        """
+        if not (self._kernel_computes_alibi and self._needs_alibi(objective)):
+            return {}
+        query_positions, key_positions = self._alibi_positions(
+            inputs_embeds, attention_mask, past_key_values, position_ids, masks
+        )
+        return {
+            "alibi_slopes": alibi_slopes(self.config.num_attention_heads).to(inputs_embeds.device),
+            "alibi_query_positions": query_positions,
+            "alibi_key_positions": key_positions,
+            "alibi_kind": self.config.position_embedding_type,
+        }
 
     @merge_with_config_defaults
     @capture_outputs
@@ -1513,11 +1561,17 @@ class AgillmModel(AgillmPreTrainedModel):
 
         block_sequence_ids = self._media_block_ids(input_ids, past_key_values) if objective == "ar" else None
         mask_per_layer_type = self.attention_masks(
-            objective, inputs_embeds, attention_mask, past_key_values, position_ids, block_sequence_ids
+            objective, inputs_embeds, attention_mask, past_key_values, position_ids, block_sequence_ids,
+            fold_alibi=not self._kernel_computes_alibi,
         )
+        kwargs.update(self.alibi_kwargs(  # {} unless the attention function computes ALiBi itself
+            objective, inputs_embeds, attention_mask, past_key_values, position_ids, mask_per_layer_type
+        ))
 
         if objective != "ar":
-            if self.config._attn_implementation not in ("eager", "sdpa", "flex_attention"):
+            if self.config._attn_implementation not in ("eager", "sdpa", "flex_attention") and not (
+                attention_function_declares(self.config, "supports_block_masks")
+            ):
                 raise ValueError(
                     f"objective={objective!r} attends in blocks / both ways, which needs attn_implementation 'eager', "
                     f"'sdpa' or 'flex_attention', not {self.config._attn_implementation!r}."
@@ -1775,7 +1829,10 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         gate_logits = None
-        if objective == "sat":
+        if labels is not None and self._chunked_cross_entropy:
+            logits = None  # the loss projects `hidden_states` chunk by chunk
+            gate_logits = head.gate(hidden_states) if objective == "sat" else None
+        elif objective == "sat":
             logits, gate_logits = head(hidden_states)
         else:
             logits = head(hidden_states)
@@ -1783,8 +1840,8 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         loss = aux_loss = None
         objective_losses = {}
         if labels is not None:
-            loss = self._ar_loss(logits, labels, **kwargs) if objective == "ar" else self._sat_loss(
-                logits, gate_logits, labels
+            loss = self._ar_loss(logits, labels, hidden_states, **kwargs) if objective == "ar" else self._sat_loss(
+                logits, gate_logits, labels, hidden_states
             )
             objective_losses[objective] = loss
             if objective == "ar" and self.config.num_mtp_layers:
@@ -1870,10 +1927,25 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
                 position_ids=layer_positions,
             )
             targets = F.pad(labels[:, depth + 2 :], (0, 1), value=-100)
-            losses.append(token_cross_entropy(self.lm_head(hidden), targets))
+            if self._chunked_cross_entropy:
+                losses.append(self._head_cross_entropy(self.lm_head, hidden, targets))
+            else:
+                losses.append(token_cross_entropy(self.lm_head(hidden), targets))
         return torch.stack(losses).mean() if losses else main_hidden.new_zeros(())
 
     # ----------------------------------------------------------------------------------------------- losses
+
+    @property
+    def _chunked_cross_entropy(self) -> bool:
+        """Training with `config.cross_entropy_chunk_size`: losses project hidden states in chunks, no logits."""
+        return self.training and self.config.cross_entropy_chunk_size is not None
+
+    def _head_cross_entropy(self, projection: nn.Linear, hidden_states, targets, label_smoothing=0.0, **kwargs):
+        """`token_cross_entropy(projection(hidden_states), targets, label_smoothing)` without the full logits."""
+        return head_cross_entropy(
+            projection, hidden_states, targets, chunk_size=self.config.cross_entropy_chunk_size,
+            label_smoothing=label_smoothing, **kwargs,
+        )  # fmt: skip
 
     def _multi_objective_forward(self, inputs: dict, labels: torch.Tensor, **kwargs) -> AgillmCausalLMOutputWithPast:
         """`sum_o weight_o * loss_o`, one trunk pass per objective (each needs its own attention pattern)."""
@@ -1895,9 +1967,14 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
             hidden_states=ar_output.hidden_states if ar_output is not None else None,
         )
 
-    def _ar_loss(self, logits: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+    def _ar_loss(self, logits: torch.Tensor | None, labels: torch.Tensor, hidden_states=None, **kwargs):
+        """Next-token loss, from `logits` or (`logits=None`, chunked cross-entropy) from `hidden_states`."""
         smoothing = self.config.label_smoothing_for("ar")
         targets = kwargs["shift_labels"] if kwargs.get("shift_labels") is not None else labels[:, 1:]
+        if logits is None:  # as below: `num_items_in_batch` normalises the unsmoothed loss only
+            rows = hidden_states if kwargs.get("shift_labels") is not None else hidden_states[:, :-1]
+            num_items = None if smoothing else kwargs.get("num_items_in_batch")
+            return self._head_cross_entropy(self.lm_head, rows, targets, smoothing, num_items_in_batch=num_items)
         if not (targets != -100).any():  # nothing to predict: zero with grad, as every other head (not NaN)
             return logits.sum() * 0.0
         if not smoothing:
@@ -1906,26 +1983,43 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
             return token_cross_entropy(logits, kwargs["shift_labels"], smoothing)
         return token_cross_entropy(logits[:, :-1], labels[:, 1:], smoothing)
 
-    def _sat_loss(self, logits: torch.Tensor, gate_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Token t + b at position t; plus, with `sat_gate_loss`, the gate on the stride that was safe to emit."""
-        block = self.config.sat_block_size
-        loss = token_cross_entropy(logits[:, :-block], labels[:, block:], self.config.label_smoothing_for("sat"))
-        if self.config.sat_gate_loss:
-            loss = loss + self._sat_gate_loss(logits.detach(), gate_logits, labels)
+    def _sat_loss(self, logits, gate_logits: torch.Tensor, labels: torch.Tensor, hidden_states=None) -> torch.Tensor:
+        """Token t + b at position t; plus, with `sat_gate_loss`, the gate on the stride that was safe to emit.
+
+        From `logits`, or (`logits=None`, chunked cross-entropy) from `hidden_states`, whose chunks also give the
+        predicted tokens the gate target needs.
+        """
+        block, gate = self.config.sat_block_size, self.config.sat_gate_loss
+        smoothing = self.config.label_smoothing_for("sat")
+        if logits is None:
+            result = self._head_cross_entropy(
+                self.sat_head.proj, hidden_states[:, :-block], labels[:, block:], smoothing, return_argmax=gate
+            )
+            loss, predicted = result if gate else (result, None)
+        else:
+            loss = token_cross_entropy(logits[:, :-block], labels[:, block:], smoothing)
+            predicted = logits.detach().argmax(-1) if gate else None
+        if gate:
+            loss = loss + self._stride_gate_loss(predicted, gate_logits, labels)
         return loss
 
     def _sat_gate_loss(self, logits: torch.Tensor, gate_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The stride-gate loss of `_stride_gate_loss`, from the SAT head's logits."""
+        return self._stride_gate_loss(logits.argmax(-1), gate_logits, labels)
+
+    def _stride_gate_loss(self, predicted: torch.Tensor, gate_logits: torch.Tensor, labels: torch.Tensor):
         """Gate target at a block start t: (number of leading correct predictions of tokens t+b .. t+2b-1) - 1.
 
         A SAT step always emits its first token; each further token is safe only if it and all before it are what
         the data says. That count is the stride the gate should pick (AGILLM 4.x trained the gate on no target).
+        `predicted` holds the SAT head's argmax at each position.
         """
         block = self.config.sat_block_size
         num_blocks = (labels.shape[1] - block) // block  # blocks whose b targets all lie inside the sequence
         if num_blocks <= 0:
             return gate_logits.sum() * 0.0
         span = num_blocks * block
-        predicted = logits[:, :span].argmax(-1).view(-1, num_blocks, block)
+        predicted = predicted[:, :span].reshape(-1, num_blocks, block)
         targets = labels[:, block : block + span].to(predicted.device).view(-1, num_blocks, block)
         correct = (predicted == targets).long().cumprod(dim=-1).sum(-1)  # leading run of correct predictions
         stride_class = (correct.clamp(min=1) - 1).masked_fill((targets == -100).any(-1), -100)
@@ -1963,11 +2057,15 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         noised, targets = self._nat_noise(input_ids, labels)
         if self.config.nat_block_size is None:
             outputs = self.model(**{**inputs, "input_ids": noised}, use_cache=False, objective="nat", **kwargs)
-            logits = self.nat_head(outputs.last_hidden_state)
+            hidden_states = outputs.last_hidden_state
         else:
             outputs = self._clean_and_noised_pass(inputs, noised, **kwargs)
-            logits = self.nat_head(outputs.last_hidden_state[:, input_ids.shape[1] :])
-        return token_cross_entropy(logits, targets, self.config.label_smoothing_for("nat")), logits, outputs
+            hidden_states = outputs.last_hidden_state[:, input_ids.shape[1] :]
+        smoothing = self.config.label_smoothing_for("nat")
+        if self._chunked_cross_entropy:
+            return self._head_cross_entropy(self.nat_head, hidden_states, targets, smoothing), None, outputs
+        logits = self.nat_head(hidden_states)
+        return token_cross_entropy(logits, targets, smoothing), logits, outputs
 
     def _clean_and_noised_pass(self, inputs: dict, noised: torch.Tensor, **kwargs) -> BaseModelOutputWithPast:
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]

@@ -6,16 +6,26 @@
 `python -m bench kv_table [--quick] [...]`: KV-cache bytes/token and held-out perplexity per cache (`bench.kv_table`).
 `python -m bench vqvae [--quick] [...]`: the VQ-VAE image tokenizer on held-out real images (`bench.vqvae`).
 `python -m bench multimodal [--quick] [...]`: the multimodal AGILLM's held-out accuracies (`bench.multimodal`).
+`python -m bench cpu_decode [--quick] [...]`: SmolLM2-135M CPU decode, fp32/bf16/int8/int4 vs roofline (`bench.cpu_decode`).
 `python -m bench scale_out`: TP / EP / PP / FSDP2 / DeepSpeed ZeRO / disk offload vs one process (`bench.scale_out`).
+`python -m bench fused_cross_entropy [--quick] [...]`: chunked linear cross-entropy vs stock, memory (`bench.fused_cross_entropy`).
+`python -m bench quantized_kv [--quick] [--perplexity]`: decode over an int8/int4 KV cache (`bench.quantized_kv`).
+`python -m bench moe_kernels [--quick] [...]`: MoE experts kernel agillm_grouped vs stock, CPU (`bench.moe_kernels`).
+`python -m bench attention_kernels [--quick]`: attn_implementation="agillm" vs stock attention on CPU (`bench.attention_kernels`).
 """
 
 import sys
 
-from . import compare_llama, decoding, kv_table, moe, moe_routing, mtp, multimodal, scale_out, vqvae
+from . import compare_llama, cpu_decode, decoding, kv_table, moe, moe_routing, mtp, multimodal, quantized_kv, scale_out, vqvae
+from . import moe_kernels
+from . import fused_cross_entropy
+from . import attention_kernels
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["decoding"]:
+    if sys.argv[1:2] == ["attention_kernels"]:
+        attention_kernels.main(sys.argv[2:])
+    elif sys.argv[1:2] == ["decoding"]:
         decoding.main(sys.argv[2:])
     elif sys.argv[1:2] == ["moe"]:
         moe.main(sys.argv[2:])
@@ -29,7 +39,15 @@ if __name__ == "__main__":
         vqvae.main(sys.argv[2:])
     elif sys.argv[1:2] == ["multimodal"]:
         multimodal.main(sys.argv[2:])
+    elif sys.argv[1:2] == ["cpu_decode"]:
+        cpu_decode.main(sys.argv[2:])
     elif sys.argv[1:2] == ["scale_out"]:
         scale_out.main(sys.argv[2:])
+    elif sys.argv[1:2] == ["fused_cross_entropy"]:
+        fused_cross_entropy.main(sys.argv[2:])
+    elif sys.argv[1:2] == ["quantized_kv"]:
+        quantized_kv.main(sys.argv[2:])
+    elif sys.argv[1:2] == ["moe_kernels"]:
+        moe_kernels.main(sys.argv[2:])
     else:
         compare_llama.main()

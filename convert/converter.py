@@ -51,6 +51,7 @@ REQUIRED_FILES = (
     "modeling_agillm.py",
     "generation_agillm.py",
     "diffusion_blocks_agillm.py",
+    "losses_agillm.py",
     "processing_agillm.py",
     "image_processing_agillm.py",
     "feature_extraction_agillm.py",

@@ -49,6 +49,19 @@ def build_tiny_model(seed: int = 0, **overrides) -> AgillmForCausalLM:
     return AgillmForCausalLM(build_tiny_config(**overrides)).eval()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_module_patches_leak():
+    """`kernels.enable()` swaps AGILLM classes in every model loaded afterwards: a test module that enables it must
+    disable it again, or later files' remote-code models silently run the patched classes."""
+    yield
+    from transformers.monkey_patching import get_patch_mapping, unregister_patch_mapping
+
+    leaked = [name for name in get_patch_mapping() if name.startswith("Agillm")]
+    if leaked:
+        unregister_patch_mapping(leaked)
+        pytest.fail(f"module patches {leaked} were left registered (call kernels.disable())")
+
+
 @pytest.fixture
 def make_config():
     """Factory fixture: `make_config(**overrides) -> AgillmConfig`."""

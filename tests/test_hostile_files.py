@@ -367,7 +367,10 @@ sys.exit(main(sys.argv[1:]))
 
 def test_cli_keyboard_interrupt_is_one_line_and_leaves_nothing(sources, tmp_path):
     """SIGINT while the staging folder is being written: one line, exit 130, the staging folder removed."""
-    script = CLI_WITH_HOOK.replace("ACTION", "os.kill(os.getpid(), signal.SIGINT); time.sleep(60)")
+    # A terminal's Ctrl-C reaches a Python that has its default handler; a test run started in the background by a
+    # non-interactive shell inherits SIGINT ignored, so the child restores the handler before interrupting itself.
+    interrupt = "signal.signal(signal.SIGINT, signal.default_int_handler); os.kill(os.getpid(), signal.SIGINT)"
+    script = CLI_WITH_HOOK.replace("ACTION", f"{interrupt}; time.sleep(60)")
     result = run_cli(str(sources["single"]), str(tmp_path / "agillm"), script=script)
     assert_one_error_line(result, 130, "interrupted")
     assert_only(tmp_path, set())

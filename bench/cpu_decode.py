@@ -1,0 +1,418 @@
+"""CPU decode of SmolLM2-135M near the memory roofline: fp32, bf16, weight-only int8 / int4, eager and compiled.
+
+Batch-1 greedy decode reads every weight once per token, so its ceiling is memory bandwidth / bytes per token. For
+each variant, one process, runs interleaved round by round (warm-up round discarded, median of the timed rounds):
+    variant          weights (fp32, bf16 = `model.to(bfloat16)`, int8 / int4 = `kernels.quantize_weights`, packed
+                     ATen kernels with bf16 activations) x decode path: eager `generate` (dynamic cache), or
+                     `generate(cache_implementation="static", compile_config=...)` (inductor compiles the decode step);
+    tokens/s         greedy `generate` of `new_tokens` after a `prompt_tokens` random prompt, counting only the
+                     single-token decode steps (`bench.timing.DecodeClock`, prefill excluded);
+    bandwidth        read bandwidth measured in every round, between the decode runs: `torch.sum` over a 256 MiB
+                     fp32 array (8x the L3 cache) with the same thread count; the table uses its median;
+    roofline         bandwidth / bytes read per decode step; the bytes are those of every weight the step reads in
+                     the format used (an untied or quantized head reads its own matrix, the embedding one row) plus
+                     the KV cache at the step's context length (the whole static cache for compiled runs);
+    greedy tokens    compared with fp32 eager: "same" or the first new-token position that differs.
+llama.cpp (optional, `--llama-cpp-python PATH`: a Python with llama-cpp-python, e.g. its own venv): the same GGUF
+file the fp32 weights come from, converted by llama.cpp's quantizer to F32 / BF16 / Q8_0 (Q4_1 is the shipped file),
+runs the same prompt in a worker process (`bench/cpu_decode_llama_worker.py`) interleaved with the rest.
+Writes `bench/cpu_decode.md` / `.json`. Usage: `python -m bench cpu_decode [--quick] [--threads N]`.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import CompileConfig, LogitsProcessorList
+
+from kernels.quantized_linear import quantize_weights
+from modeling_agillm import AgillmForCausalLM
+
+from .cli import BENCH_DIR, REPO_ROOT, bench_parser, parse_bench_args
+from .compare_llama import machine_info
+from .setups import SETUPS, build_model
+from .timing import DecodeClock
+
+
+BANDWIDTH_ARRAY_BYTES = 256 * 2**20
+LLAMA_WORKER = BENCH_DIR / "cpu_decode_llama_worker.py"
+LLAMA_DIR = REPO_ROOT / "outputs/bench/llama_cpp"  # llama.cpp's converted GGUF files (ignored by git)
+
+
+@dataclass
+class Plan:
+    setup: str = "smollm2"
+    prompt_tokens: int = 32
+    new_tokens: int = 64
+    int4_group_size: int = 32  # 4 bits + a bf16 scale and zero per 32 weights = 5 bits/weight, as llama.cpp's Q4_1
+    repeats: int = 5
+    compile_mode: str | None = None  # CompileConfig's mode; None = its default
+
+    @classmethod
+    def quick(cls) -> "Plan":
+        return cls(setup="small", new_tokens=16, repeats=2)
+
+
+@dataclass
+class Variant:
+    """One row: a weight format and a decode path; `llama_format` marks a llama.cpp row."""
+
+    name: str
+    weights: str  # fp32 / bf16 / int8 / int4
+    compiled: bool = False
+    llama_format: str | None = None
+    tokens_per_second: list[float] = field(default_factory=list)
+    bytes_per_step: float = 0.0
+    greedy: list[int] = field(default_factory=list)
+
+
+AGILLM_VARIANTS = [
+    ("fp32 eager", "fp32", False),
+    ("fp32 static + compile", "fp32", True),
+    ("bf16 eager", "bf16", False),
+    ("bf16 static + compile", "bf16", True),
+    ("int8 eager", "int8", False),
+    ("int8 static + compile", "int8", True),
+    ("int4 eager", "int4", False),
+    ("int4 static + compile", "int4", True),
+    ("int4 group 64 static + compile", "int4-g64", True),  # 4.5 bits/weight: fewer scales to read than group 32
+]
+LLAMA_FORMATS = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_1"}  # same weight precision
+
+
+# --------------------------------------------------------------------------------------------------- models
+
+
+def build_variant_models(setup, plan: Plan) -> dict[str, AgillmForCausalLM]:
+    """One model per weight format (a model serves its eager and compiled rows: `generate` keeps the compiled
+    forward apart from the eager one)."""
+    models = {}
+    for weights in ("fp32", "bf16", "int8", "int4", "int4-g64"):
+        model = build_model(AgillmForCausalLM, setup.agillm_config, setup.state_dict)
+        if weights == "bf16":
+            model = model.to(torch.bfloat16)
+        elif weights == "int8":
+            quantize_weights(model, bits=8)
+        elif weights == "int4":
+            quantize_weights(model, bits=4, group_size=plan.int4_group_size)
+        elif weights == "int4-g64":
+            quantize_weights(model, bits=4, group_size=64)
+        models[weights] = model.eval()
+    return models
+
+
+def bytes_per_decode_step(model: AgillmForCausalLM, context: float) -> float:
+    """Bytes of every tensor one decode step reads: all weights once, except the embedding's single row (unless the
+    head multiplies by the same tensor), plus K and V of `context` cached positions."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()] if t.numel()}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if getattr(head, "weight", None) is not embedding:  # quantized or untied head: the lookup reads one row
+        total -= embedding.numel() * embedding.element_size()
+        total += embedding.shape[1] * embedding.element_size()
+    config = model.config
+    kv_width = 2 * config.num_key_value_heads * config.head_dim
+    kv_bytes = config.num_hidden_layers * kv_width * context * model.model.embed_tokens.weight.element_size()
+    return float(total + kv_bytes)
+
+
+# --------------------------------------------------------------------------------------------------- timing
+
+
+def read_bandwidth(buffer: torch.Tensor) -> float:
+    """Bytes/s of one pass of `torch.sum` over `buffer` (uses torch's current thread count)."""
+    start = time.perf_counter()
+    buffer.sum()
+    return buffer.numel() * buffer.element_size() / (time.perf_counter() - start)
+
+
+def generate_kwargs(input_ids: torch.Tensor, plan: Plan, compiled: bool) -> dict:
+    kwargs = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "do_sample": False,
+        "max_new_tokens": plan.new_tokens,
+        "min_new_tokens": plan.new_tokens,
+        "pad_token_id": 0,
+    }
+    if compiled:
+        compile_config = CompileConfig(fullgraph=True) if plan.compile_mode is None else CompileConfig(
+            fullgraph=True, mode=plan.compile_mode)
+        compile_config._compile_all_devices = True  # `generate` compiles only on accelerators unless told to
+        kwargs.update(cache_implementation="static", compile_config=compile_config)
+    return kwargs
+
+
+def decode_once(model, kwargs: dict) -> tuple[float, list[int]]:
+    """(tokens/s over the decode steps, the new tokens) of one greedy `generate`."""
+    clock = DecodeClock()
+    with torch.inference_mode():
+        output = model.generate(**kwargs, logits_processor=LogitsProcessorList([clock]))
+    steps, seconds = clock.decode_span()
+    return steps / seconds, output[0, kwargs["input_ids"].shape[1]:].tolist()
+
+
+class LlamaCppWorker:
+    """A llama.cpp process holding one GGUF file, asked for one greedy decode per call."""
+
+    def __init__(self, python: str, gguf: Path, threads: int):
+        self.process = subprocess.Popen(
+            [python, str(LLAMA_WORKER), "serve", str(gguf), str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        if json.loads(self.process.stdout.readline()).get("ready") is not True:
+            raise RuntimeError(f"llama.cpp worker for {gguf} did not start")
+
+    def decode(self, prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:
+        self.process.stdin.write(json.dumps({"prompt": prompt, "new_tokens": new_tokens}) + "\n")
+        self.process.stdin.flush()
+        answer = json.loads(self.process.stdout.readline())
+        return answer["decode_steps"] / answer["seconds"], answer["tokens"]
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def llama_cpp_available(python: str | None) -> bool:
+    if not python:
+        return False
+    probe = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True)
+    return probe.returncode == 0
+
+
+def llama_cpp_file(python: str, source: Path, ftype: str) -> Path:
+    """`source` converted to `ftype` by llama.cpp's own quantizer (cached in outputs/bench/llama_cpp)."""
+    if source.name.endswith(f".{ftype}.gguf"):
+        return source
+    target = LLAMA_DIR / f"{source.stem.rsplit('.', 1)[0]}.{ftype}.gguf"
+    if not target.is_file():
+        LLAMA_DIR.mkdir(parents=True, exist_ok=True)
+        subprocess.run([python, str(LLAMA_WORKER), "quantize", str(source), str(target), ftype], check=True,
+                       capture_output=True)
+    return target
+
+
+def gguf_bytes_per_step(gguf: Path, model: AgillmForCausalLM, context: float) -> float:
+    """llama.cpp's tied SmolLM2 reads every tensor of the file once per step (its head is the embedding matrix):
+    the file size (metadata included, < 1%), plus the KV cache as AGILLM's fp32 model holds it."""
+    return gguf.stat().st_size + bytes_per_decode_step(model, context) - bytes_per_decode_step(model, 0.0)
+
+
+# --------------------------------------------------------------------------------------------------- bench
+
+
+def run(plan: Plan, threads: int, llama_python: str | None) -> tuple[list[Variant], list[float], dict]:
+    setup = SETUPS[plan.setup]()
+    models = build_variant_models(setup, plan)
+    prompt = torch.randint(3, setup.agillm_config.vocab_size, (1, plan.prompt_tokens),
+                           generator=torch.Generator().manual_seed(1))
+    dynamic_context = plan.prompt_tokens + plan.new_tokens / 2  # mean context of the decode steps
+    static_context = plan.prompt_tokens + plan.new_tokens  # generate's static cache length: SDPA reads all of it
+
+    variants = [Variant(name, weights, compiled) for name, weights, compiled in AGILLM_VARIANTS]
+    for variant in variants:
+        variant.bytes_per_step = bytes_per_decode_step(
+            models[variant.weights], static_context if variant.compiled else dynamic_context)
+    workers = {}
+    if plan.setup == "smollm2" and llama_cpp_available(llama_python):
+        from convert.smollm2 import smollm2_gguf_path
+
+        for weights, ftype in LLAMA_FORMATS.items():
+            gguf = llama_cpp_file(llama_python, smollm2_gguf_path(), ftype)
+            workers[ftype] = LlamaCppWorker(llama_python, gguf, threads)
+            variant = Variant(f"llama.cpp {ftype}", weights, llama_format=ftype)
+            variant.bytes_per_step = gguf_bytes_per_step(gguf, models["fp32"], dynamic_context)
+            variants.append(variant)
+
+    first_call_seconds = {}
+    for variant in variants:  # warm-up round: compiles, fills caches; not timed
+        start = time.perf_counter()
+        decode_variant(variant, models, workers, prompt, plan, record=True)
+        first_call_seconds[variant.name] = time.perf_counter() - start
+        print(f"[warm-up] {variant.name}: {first_call_seconds[variant.name]:.1f} s", flush=True)
+
+    buffer = torch.ones(BANDWIDTH_ARRAY_BYTES // 4)
+    bandwidths = []
+    for round_index in range(plan.repeats):
+        bandwidths.append(statistics.median(read_bandwidth(buffer) for _ in range(3)))
+        for variant in variants:
+            decode_variant(variant, models, workers, prompt, plan)
+        print(f"[round {round_index + 1}/{plan.repeats}] bandwidth {bandwidths[-1] / 1e9:.1f} GB/s; "
+              + ", ".join(f"{v.name} {v.tokens_per_second[-1]:.1f}" for v in variants), flush=True)
+    for worker in workers.values():
+        worker.close()
+    return variants, bandwidths, first_call_seconds
+
+
+def decode_variant(variant: Variant, models, workers, prompt, plan: Plan, record: bool = False) -> None:
+    if variant.llama_format is not None:
+        speed, tokens = workers[variant.llama_format].decode(prompt[0].tolist(), plan.new_tokens)
+    else:
+        speed, tokens = decode_once(models[variant.weights], generate_kwargs(prompt, plan, variant.compiled))
+    if record:
+        variant.greedy = tokens
+    else:
+        variant.tokens_per_second.append(speed)
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+
+def first_divergence(tokens: list[int], reference: list[int]) -> str:
+    for position, (token, expected) in enumerate(zip(tokens, reference)):
+        if token != expected:
+            return f"differs from token {position}"
+    return "same"
+
+
+def table_rows(variants: list[Variant], bandwidths: list[float]) -> list[dict]:
+    """Medians (the reference figures) and bests (each variant's fastest round against the highest bandwidth seen:
+    what a quiet machine allows, since other processes can only slow a run down)."""
+    baseline = variants[0]  # fp32 eager
+    reference = baseline.greedy
+    llama = {v.weights: v for v in variants if v.llama_format}
+    rows = []
+    for variant in variants:
+        speed, best = statistics.median(variant.tokens_per_second), max(variant.tokens_per_second)
+        roofline = statistics.median(bandwidths) / variant.bytes_per_step
+        same_precision = llama.get(variant.weights) if not variant.llama_format else None
+        rows.append({
+            "variant": variant.name,
+            "tokens_per_second": speed,
+            "best_tokens_per_second": best,
+            "runs": variant.tokens_per_second,
+            "vs_fp32_eager": speed / statistics.median(baseline.tokens_per_second),
+            "mib_per_step": variant.bytes_per_step / 2**20,
+            "roofline_tokens_per_second": roofline,
+            "fraction_of_roofline": speed / roofline,
+            "best_fraction_of_roofline": best / (max(bandwidths) / variant.bytes_per_step),
+            "vs_llama_cpp_same_precision": (
+                speed / statistics.median(same_precision.tokens_per_second) if same_precision else None),
+            "best_vs_llama_cpp_same_precision": (
+                best / max(same_precision.tokens_per_second) if same_precision else None),
+            "greedy_vs_fp32": first_divergence(variant.greedy, reference),
+        })
+    return rows
+
+
+def ratio_cell(ratio: float | None) -> str:
+    return f" {ratio:.2f}x |" if ratio is not None else " |"
+
+
+def markdown_report(rows, bandwidths, first_calls, plan: Plan, machine: dict, quick: bool, seconds: float) -> str:
+    command = "python -m bench cpu_decode" + (" --quick" if quick else "")
+    caveat = " (**quick run: small random model, reduced runs; not reference numbers**)" if quick else ""
+    has_llama = any(row["vs_llama_cpp_same_precision"] is not None for row in rows)
+    header = "| variant | tok/s | vs fp32 eager | MiB read / step | roofline tok/s | % of roofline |"
+    header += " vs llama.cpp (same precision) |" if has_llama else ""
+    header += " best tok/s | best % of roofline |" + (" best vs llama.cpp |" if has_llama else "")
+    header += " greedy vs fp32 eager |"
+    lines = [
+        f"# CPU decode, {plan.setup}: fp32 / bf16 / int8 / int4, eager and static cache + compile",
+        "",
+        f"Generated by `{command}`{caveat} in {seconds / 60:.1f} min.",
+        "",
+        header,
+        "| --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if has_llama else "") + " ---: | ---: |"
+        + (" ---: |" if has_llama else "") + " --- |",
+    ]
+    for row in rows:
+        line = (f"| {row['variant']} | {row['tokens_per_second']:.1f} | {row['vs_fp32_eager']:.2f}x "
+                f"| {row['mib_per_step']:.1f} | {row['roofline_tokens_per_second']:.0f} "
+                f"| {100 * row['fraction_of_roofline']:.0f}% |")
+        if has_llama:
+            line += ratio_cell(row["vs_llama_cpp_same_precision"])
+        line += f" {row['best_tokens_per_second']:.1f} | {100 * row['best_fraction_of_roofline']:.0f}% |"
+        if has_llama:
+            line += ratio_cell(row["best_vs_llama_cpp_same_precision"])
+        lines.append(line + f" {row['greedy_vs_fp32']} |")
+    bandwidth = statistics.median(bandwidths)
+    lines += [
+        "",
+        f"Read bandwidth (`torch.sum` over {BANDWIDTH_ARRAY_BYTES // 2**20} MiB, {machine['torch_threads']} threads): "
+        f"median **{bandwidth / 1e9:.1f} GB/s** over the rounds (min {min(bandwidths) / 1e9:.1f}, max "
+        f"{max(bandwidths) / 1e9:.1f}).",
+        "",
+        f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, `torch.set_num_threads"
+        f"({machine['torch_threads']})`; Python {machine['python']}, torch {machine['torch']}, transformers "
+        f"{machine['transformers']}; {machine['date']}.",
+        "",
+        "Method:",
+        f"- batch 1, greedy, {plan.new_tokens} new tokens after a {plan.prompt_tokens}-token random prompt; tok/s "
+        f"over the single-token decode steps only; one warm-up round (compilation included), then the median of "
+        f"{plan.repeats} rounds, every variant once per round in the order of the table.",
+        "- int8: `kernels.quantize_weights(model, bits=8)`: symmetric per-output-channel int8, "
+        "`aten._weight_int8pack_mm`. int4: `bits=4, group_size="
+        f"{plan.int4_group_size}` (64 in the \"group 64\" row): asymmetric group-wise, "
+        "`aten._weight_int4pack_mm_for_cpu`. Both quantize every linear layer including the tied head (the "
+        "embedding lookup stays fp32) and run the kernels with bf16 activations; norms, attention and the residual "
+        "stream stay fp32.",
+        "- static + compile: `generate(cache_implementation=\"static\", compile_config=CompileConfig(fullgraph=True"
+        + ("" if plan.compile_mode is None else f", mode={plan.compile_mode!r}")
+        + "))` with `_compile_all_devices = True` (inductor, CPU). First calls (compilation): "
+        + ", ".join(f"{name} {s:.0f} s" for name, s in first_calls.items() if "compile" in name) + ".",
+        "- roofline = read bandwidth / bytes per decode step (weights in the format used, the embedding as one row "
+        "when the head has its own matrix, KV cache). fp32 and bf16 models keep the head tied to the embedding, so "
+        "their head reads the embedding matrix. `torch.sum` does not reach the machine's peak read bandwidth "
+        "(llama.cpp's F32 decode gets close to it or above), so every percentage is an upper bound.",
+        "- best: each variant's fastest round, its roofline from the highest bandwidth of the run, and its ratio to "
+        "llama.cpp's fastest round. The machine is shared (2 cores, other jobs running): other processes only ever "
+        "slow a run down, so the medians mix quiet and crowded rounds while the bests show what the code does on a "
+        "quiet machine. Compare the two only within one column.",
+        "- greedy tokens: int8 / int4 change the weights, so their continuations may leave fp32's at some "
+        "position (reported); bf16 rounds activations too.",
+    ]
+    if has_llama:
+        lines.append(
+            "- llama.cpp: llama-cpp-python built from source (not in requirements), the shipped "
+            "`SmolLM2-135M-Instruct.Q4_1.gguf` (the file the fp32 weights are dequantized from) and llama.cpp's own "
+            "conversions of it to F32, BF16 and Q8_0 (`llama_model_quantize`, `allow_requantize`); same prompt ids, "
+            "greedy argmax over the logits, same thread count, decode steps only; its bytes per step are the GGUF "
+            "file size plus the KV cache. The ratio column compares each AGILLM row with llama.cpp at the same "
+            "weight precision (fp32 - F32, bf16 - BF16, int8 - Q8_0, int4 group 32 - Q4_1)."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    parser = bench_parser("cpu_decode", __doc__.splitlines()[0], "small random model, 16 tokens, 2 rounds")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, 2 with --quick)")
+    parser.add_argument("--compile-mode", default=None, help="CompileConfig mode (default: CompileConfig's own)")
+    parser.add_argument(
+        "--llama-cpp-python", default=os.environ.get("LLAMA_CPP_PYTHON"),
+        help="a Python interpreter with llama-cpp-python installed (default: $LLAMA_CPP_PYTHON); without it the "
+        "llama.cpp rows are skipped",
+    )
+    args = parse_bench_args(parser, "cpu_decode", argv)
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    plan = Plan.quick() if args.quick else Plan()
+    if args.repeats is not None:
+        plan.repeats = args.repeats
+    plan.compile_mode = args.compile_mode
+    start = time.perf_counter()
+    variants, bandwidths, first_calls = run(plan, args.threads, args.llama_cpp_python)
+    rows = table_rows(variants, bandwidths)
+    machine = machine_info(args.threads)
+    report = markdown_report(rows, bandwidths, first_calls, plan, machine, args.quick, time.perf_counter() - start)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(report)
+    raw = {"machine": machine, "plan": asdict(plan), "bandwidth_bytes_per_second": bandwidths,
+           "first_call_seconds": first_calls, "rows": rows}
+    args.output.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
+    print(report)
+    print(f"Written: {args.output} and {args.output.with_suffix('.json')}")
+    return raw
