@@ -2,6 +2,7 @@
 reference table in `bench/`)."""
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -34,3 +35,14 @@ def parse_bench_args(parser: argparse.ArgumentParser, name: str, argv=None) -> a
     if args.output is None:
         args.output = REPO_ROOT / f"outputs/bench/{name}-quick.md" if args.quick else BENCH_DIR / f"{name}.md"
     return args
+
+
+def write_report(output: Path, report: str, raw: dict, *, echo_report: bool = False, json_default=None) -> None:
+    """Write the markdown table to `output` and the raw figures as JSON next to it; print the table (with
+    `echo_report`) and where both went."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(report)
+    output.with_suffix(".json").write_text(json.dumps(raw, indent=2, default=json_default) + "\n")
+    if echo_report:
+        print(report)
+    print(f"Written: {output} and {output.with_suffix('.json')}")

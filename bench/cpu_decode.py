@@ -33,7 +33,7 @@ from transformers import CompileConfig, LogitsProcessorList
 from kernels.quantized_linear import quantize_weights
 from modeling_agillm import AgillmForCausalLM
 
-from .cli import BENCH_DIR, REPO_ROOT, bench_parser, parse_bench_args
+from .cli import BENCH_DIR, REPO_ROOT, bench_parser, parse_bench_args, write_report
 from .compare_llama import machine_info
 from .setups import SETUPS, build_model
 from .timing import DecodeClock
@@ -408,11 +408,7 @@ def main(argv=None) -> dict:
     rows = table_rows(variants, bandwidths)
     machine = machine_info(args.threads)
     report = markdown_report(rows, bandwidths, first_calls, plan, machine, args.quick, time.perf_counter() - start)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report)
     raw = {"machine": machine, "plan": asdict(plan), "bandwidth_bytes_per_second": bandwidths,
            "first_call_seconds": first_calls, "rows": rows}
-    args.output.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
-    print(report)
-    print(f"Written: {args.output} and {args.output.with_suffix('.json')}")
+    write_report(args.output, report, raw, echo_report=True)
     return raw

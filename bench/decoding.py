@@ -32,7 +32,7 @@ from transformers import AutoTokenizer, GenerationConfig
 from corpus.shakespeare import HELD_OUT_PLAYS, load_plays
 from modeling_agillm import AgillmForCausalLM
 
-from .cli import REPO_ROOT, bench_parser, parse_bench_args
+from .cli import REPO_ROOT, bench_parser, parse_bench_args, write_report
 from .compare_llama import machine_info
 from .timing import interleaved
 
@@ -468,11 +468,7 @@ def main(argv=None) -> dict:
     model_dir = str(model_dir.relative_to(REPO_ROOT) if model_dir.is_relative_to(REPO_ROOT) else model_dir)
     setup_lines = setup_text(model_dir, training, model, plan, prompts, machine)
     report = markdown_report(rows, checks, diagnostics, setup_lines, prompts, args.quick, time.perf_counter() - start)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report)
     raw = {"machine": machine, "plan": asdict(plan), "model": str(args.model), "rows": rows, "targets": checks,
            "nat_block_diagnostics": diagnostics, "prompts": prompts}  # fmt: skip
-    args.output.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
-    print(report)
-    print(f"Written: {args.output} and {args.output.with_suffix('.json')}")
+    write_report(args.output, report, raw, echo_report=True)
     return raw

@@ -23,7 +23,6 @@ Usage: `python -m bench fused_cross_entropy [--quick] [--threads N] [--output PA
 (writes `bench/fused_cross_entropy.md` + `.json`).
 """
 
-import json
 import os
 import statistics
 import tempfile
@@ -40,7 +39,7 @@ from modeling_agillm import AgillmForCausalLM
 from tokenizer import TOKENIZER_DIR
 
 from . import memory
-from .cli import bench_parser, parse_bench_args
+from .cli import bench_parser, parse_bench_args, write_report
 from .compare_llama import machine_info
 from .timing import interleaved, timed
 
@@ -308,11 +307,8 @@ def main(argv=None) -> dict:
     seconds = time.perf_counter() - start
     machine = machine_info(torch.get_num_threads())
     raw = {"plan": asdict(plan), "machine": machine, "seconds": seconds, "results": results}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     report = markdown_report(results, machine, plan, args.quick, seconds, args.output.with_suffix(".json").name)
-    args.output.write_text(report)
-    args.output.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
-    print(f"Written: {args.output} and {args.output.with_suffix('.json')}")
+    write_report(args.output, report, raw)
     return raw
 
 

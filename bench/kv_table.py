@@ -28,7 +28,6 @@ Writes `bench/kv_table.md` and `bench/kv_table.json`. Usage: `python -m bench kv
 """
 
 import argparse
-import json
 import math
 import tempfile
 import time
@@ -47,7 +46,7 @@ from demo.pretrain_shakespeare import BLOCK_SIZE, TrainingPlan, build_datasets, 
 from modeling_agillm import AgillmForCausalLM
 from tokenizer import TOKENIZER_DIR
 
-from .cli import bench_parser, parse_bench_args
+from .cli import bench_parser, parse_bench_args, write_report
 from .compare_llama import machine_info
 from .kv_cache import cache_bytes_per_token
 
@@ -553,12 +552,8 @@ def main(argv=None) -> dict:
     add_comparisons(rows)
     machine = machine_info(args.threads)
     report = markdown_report(rows, plan, machine, time.perf_counter() - start, args.quick)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report)
     raw = {"machine": machine, "plan": asdict(plan), "rows": rows}
-    args.output.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
-    print(report)
-    print(f"Written: {args.output} and {args.output.with_suffix('.json')}")
+    write_report(args.output, report, raw, echo_report=True)
     return raw
 
 

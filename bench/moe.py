@@ -15,7 +15,6 @@ Usage: `python -m bench moe [--quick] [--threads N] [--output PATH]` (writes `be
 """
 
 import argparse
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -25,7 +24,7 @@ from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen
 
 from convert.converter import build_agillm_model, read_source
 
-from .cli import bench_parser, parse_bench_args
+from .cli import bench_parser, parse_bench_args, write_report
 from .compare_llama import machine_info
 from .timing import interleaved, timed
 
@@ -212,10 +211,7 @@ def main(argv=None) -> dict:
     machine = machine_info(torch.get_num_threads())
     raw = {"plan": asdict(plan), "shape": SHAPE, "num_experts": NUM_EXPERTS, "expert_width": EXPERT_WIDTH,
            "parity_max_abs_logit_difference": parity, "machine": machine, "seconds": seconds, "rows": rows}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(markdown_report(rows, parity, machine, plan, seconds))
-    args.output.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
-    print(f"Written: {args.output} and {args.output.with_suffix('.json')}")
+    write_report(args.output, markdown_report(rows, parity, machine, plan, seconds), raw)
     return raw
 
 

@@ -16,7 +16,6 @@ On a shared machine run it with `--threads 1`: with more threads than free cores
 timings swing by large factors.
 """
 
-import json
 import math
 import os
 import time
@@ -24,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .cli import bench_parser, parse_bench_args
+from .cli import bench_parser, parse_bench_args, write_report
 from .compare_llama import machine_info
 from .timing import interleaved
 
@@ -258,10 +257,7 @@ def main(argv=None) -> dict:
     machine = machine_info(torch.get_num_threads())
     raw = {"plan": asdict(plan), "shapes": [asdict(shape) for shape in SHAPES], "machine": machine,
            "seconds": seconds, "rows": rows}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(markdown_report(rows, machine, plan, seconds))
-    args.output.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
-    print(f"Written: {args.output} and {args.output.with_suffix('.json')}")
+    write_report(args.output, markdown_report(rows, machine, plan, seconds), raw)
     return raw
 
 

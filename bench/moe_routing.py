@@ -24,7 +24,6 @@ Usage: `python -m bench moe_routing [--quick] [--threads N] [--output PATH]` (wr
 """
 
 import argparse
-import json
 import math
 import os
 import random
@@ -40,7 +39,7 @@ from configuration_agillm import AgillmConfig
 from corpus import python_docs, shakespeare
 from modeling_agillm import AgillmForCausalLM
 
-from .cli import REPO_ROOT, bench_parser, parse_bench_args
+from .cli import REPO_ROOT, bench_parser, parse_bench_args, write_report
 from .compare_llama import machine_info
 
 
@@ -380,10 +379,7 @@ def main(argv=None) -> dict:
     machine = {**machine_info(torch.get_num_threads()), "load_average_1min": [load_at_start, os.getloadavg()[0]]}
     raw = {"plan": asdict(plan), "model_shape": MODEL_SHAPE, "machine": machine, "seconds": seconds,
            "results": results}  # fmt: skip
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(markdown_report(results, plan, machine, seconds, args.quick))
-    args.output.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
-    print(f"Written: {args.output} and {args.output.with_suffix('.json')}")
+    write_report(args.output, markdown_report(results, plan, machine, seconds, args.quick), raw)
     return raw
 
 

@@ -22,7 +22,6 @@ Writes `bench/mtp.md` and `bench/mtp.json`. Usage: `python -m bench mtp [--quick
 """
 
 import argparse
-import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -36,7 +35,7 @@ from demo.pretrain_shakespeare import TrainingPlan, build_datasets, small_agillm
 from modeling_agillm import AgillmForCausalLM
 from tokenizer import TOKENIZER_DIR
 
-from .cli import bench_parser, parse_bench_args
+from .cli import bench_parser, parse_bench_args, write_report
 from .compare_llama import machine_info
 from .decoding import ForwardCounter, held_out_prompts
 from .timing import interleaved, timed
@@ -353,10 +352,6 @@ def main(argv=None) -> dict:
             rows.append(run_smollm2(plan, Path(scratch)))
     machine = machine_info(args.threads)
     report = markdown_report(rows, plan, machine, time.perf_counter() - start, args.quick)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report)
     raw = {"machine": machine, "plan": asdict(plan), "rows": rows}
-    args.output.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
-    print(report)
-    print(f"Written: {args.output} and {args.output.with_suffix('.json')}")
+    write_report(args.output, report, raw, echo_report=True)
     return raw

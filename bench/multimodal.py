@@ -9,7 +9,6 @@ Writes `bench/multimodal.md` and `bench/multimodal.json`.
 Usage: `python -m bench multimodal [--quick] [--steps N] [--time-cap-minutes M]`.
 """
 
-import json
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 
 from demo import multimodal
 
-from .cli import REPO_ROOT, bench_parser, parse_bench_args
+from .cli import REPO_ROOT, bench_parser, parse_bench_args, write_report
 from .compare_llama import machine_info
 
 
@@ -93,9 +92,6 @@ def main(argv=None) -> dict:
         metrics = multimodal.run(output_dir, steps=args.steps, time_cap_minutes=args.time_cap_minutes)
     machine = machine_info(args.threads)
     report = markdown_report(metrics, machine, time.perf_counter() - start, args.quick)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report)
     raw = {"machine": machine, **{k: v for k, v in metrics.items() if k != "train_log"}}
-    args.output.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
-    print(report)
+    write_report(args.output, report, raw, echo_report=True)
     return raw

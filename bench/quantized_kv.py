@@ -45,7 +45,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from kernels import quantized_kv
 from kernels.quantized_kv import QuantizedKVCache, QuantizedKVLayer, quantized_kv_attention
 
-from .cli import bench_parser, parse_bench_args
+from .cli import bench_parser, parse_bench_args, write_report
 from .compare_llama import machine_info
 from .kv_cache import cache_bytes
 
@@ -392,13 +392,9 @@ def main(argv=None) -> dict:
             perplexity_rows, table_plan = smollm2_perplexity(Path(scratch))
     machine = machine_info(args.threads)
     report = markdown_report(rows, perplexity_rows, machine, plan, time.perf_counter() - start, args.quick)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report)
     raw = {"machine": machine, "plan": asdict(plan), "kv_table_plan": table_plan, "decode": rows,
            "perplexity": perplexity_rows}  # fmt: skip
-    args.output.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
-    print(report)
-    print(f"Written: {args.output} and {args.output.with_suffix('.json')}")
+    write_report(args.output, report, raw, echo_report=True)
     return raw
 
 

@@ -13,7 +13,6 @@ Usage: `python -m bench scale_out [--output PATH]` (writes `bench/scale_out.md` 
 
 import argparse
 import importlib.metadata
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -23,7 +22,7 @@ import accelerate
 from tests.scale_out import common
 from tests.scale_out.suite import run_suite
 
-from .cli import BENCH_DIR
+from .cli import BENCH_DIR, write_report
 from .compare_llama import machine_info
 
 
@@ -104,11 +103,8 @@ def main(argv=None) -> dict:
         result = run_suite(Path(workdir))
     machine = machine_info(len(os.sched_getaffinity(0)))
     machine.update(accelerate=accelerate.__version__, deepspeed=importlib.metadata.version("deepspeed"))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(markdown_report(result, machine))
     raw = {"machine": machine, **result}
-    args.output.with_suffix(".json").write_text(json.dumps(raw, indent=2, default=str) + "\n")
-    print(f"Written: {args.output} and {args.output.with_suffix('.json')}")
+    write_report(args.output, markdown_report(result, machine), raw, json_default=str)
     return raw
 
 

@@ -9,14 +9,13 @@ Writes `bench/vqvae.md` and `bench/vqvae.json`. Usage: `python -m bench vqvae [-
 """
 
 import argparse
-import json
 import time
 
 import torch
 
 from demo import vqvae as vqvae_demo
 
-from .cli import REPO_ROOT, bench_parser, parse_bench_args
+from .cli import REPO_ROOT, bench_parser, parse_bench_args, write_report
 from .compare_llama import machine_info
 
 
@@ -95,10 +94,6 @@ def main(argv=None) -> dict:
     metrics = vqvae_demo.run(output_dir, steps=steps, grid_path=grid)
     machine = machine_info(args.threads)
     report = markdown_report(metrics, machine, time.perf_counter() - start, args.quick)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report)
     raw = {"machine": machine, **metrics}
-    args.output.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
-    print(report)
-    print(f"Written: {args.output} and {args.output.with_suffix('.json')}")
+    write_report(args.output, report, raw, echo_report=True)
     return raw

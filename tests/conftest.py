@@ -49,6 +49,17 @@ def build_tiny_model(seed: int = 0, **overrides) -> AgillmForCausalLM:
     return AgillmForCausalLM(build_tiny_config(**overrides)).eval()
 
 
+class TinyRows(torch.utils.data.Dataset):
+    """Eight rows of 12 ids in 4..63 (labels = inputs): a causal-LM training set small enough for `Trainer` tests."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        row = (torch.arange(12) * (index + 1)) % 60 + 4
+        return {"input_ids": row, "labels": row}
+
+
 @pytest.fixture(scope="module", autouse=True)
 def no_module_patches_leak():
     """`kernels.enable()` swaps AGILLM classes in every model loaded afterwards: a test module that enables it must

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
+from conftest import TinyRows
 from configuration_agillm import AgillmConfig
 from losses_agillm import head_cross_entropy, linear_cross_entropy
 from modeling_agillm import AgillmForCausalLM
@@ -358,16 +359,8 @@ def test_a_hooked_head_is_refused_while_training():
 def test_trainer_runs_with_the_chunked_loss(tmp_path):
     model = tiny_model(8, heads=["ar", "sat", "nat"])
 
-    class Rows(torch.utils.data.Dataset):
-        def __len__(self):
-            return 8
-
-        def __getitem__(self, index):
-            row = (torch.arange(12) * (index + 1)) % 60 + 4
-            return {"input_ids": row, "labels": row}
-
     args = TrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to=[], use_cpu=True)
-    result = Trainer(model=model, args=args, train_dataset=Rows()).train()
+    result = Trainer(model=model, args=args, train_dataset=TinyRows()).train()
     assert math.isfinite(result.training_loss)
 
 

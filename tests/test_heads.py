@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
+from conftest import TinyRows
 from configuration_agillm import AgillmConfig
 from modeling_agillm import (
     AgillmForCausalLM,
@@ -315,16 +316,8 @@ def test_multi_objective_loss_is_the_weighted_sum_and_trainer_uses_it(tmp_path):
     assert set(output.objective_losses) == {"ar", "sat", "nat"}
     assert not model.accepts_loss_kwargs
 
-    class Rows(torch.utils.data.Dataset):
-        def __len__(self):
-            return 8
-
-        def __getitem__(self, index):
-            row = (torch.arange(12) * (index + 1)) % 60 + 4
-            return {"input_ids": row, "labels": row}
-
     args = TrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to=[], use_cpu=True)
-    result = Trainer(model=model.train(), args=args, train_dataset=Rows()).train()
+    result = Trainer(model=model.train(), args=args, train_dataset=TinyRows()).train()
     assert math.isfinite(result.training_loss)
 
 
