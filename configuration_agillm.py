@@ -50,6 +50,7 @@ DIFFUSION_BLOCKS_DEFAULTS = {
     "euler_steps_per_group": 1,
 }
 DIFFUSION_BLOCKS_GROUP_CHOICES = ("loss_balanced", "round_robin", "random")
+NAT_OBJECTIVES = ("denoise", "draft")  # see `nat_objective`
 DIFFUSION_BLOCKS_OBJECTIVES = ("ar", "sat")  # NAT is not an EDM objective in AGILLM 4.x (no noise level, no c_in)
 
 
@@ -431,6 +432,14 @@ class AgillmConfig(PreTrainedConfig):
         nat_block_size (`int`, *optional*): `None` is AGILLM 4.x's NAT, fully bidirectional over the whole
             sequence. An integer makes NAT block-causal (each block sees earlier blocks and itself) and trains it
             the way it decodes: block by block, with an exact KV cache of finished blocks.
+        nat_objective (`str`): how a block NAT head trains. `"denoise"` hides each block's tokens at a random ratio
+            and runs the clean and the noised sequence side by side, clean blocks block-causal (the cache of
+            `generation_mode="nat_block"`). `"draft"` (TiDAR: AR and diffusion drafting in one forward) appends
+            an all-mask copy of the sequence to the clean one and runs ONE pass for both losses: the clean tokens
+            are causal (the AR loss reads them, exactly as a plain AR pass would), mask block k sees the clean
+            tokens before block k and its own masks and predicts that block's tokens. This is the layout
+            `generation_mode="verify_and_draft"` decodes with (one forward verifies the last drafts with the AR
+            head and drafts the next ones with the NAT head); it needs `nat_block_size` >= 2.
         cross_entropy_chunk_size (`int`, *optional*): opt-in memory saving for training (`None` = off, the stock
             loss). When set, a model in training mode given `labels` computes every head's cross-entropy (AR, SAT
             with its gate target, NAT, MTP) from the hidden states this many tokens at a time (`losses_agillm.py`):
@@ -580,6 +589,7 @@ class AgillmConfig(PreTrainedConfig):
     sat_gate_loss: bool = True
     nat_mask_token_id: int = 3
     nat_block_size: int | None = 8
+    nat_objective: str = "denoise"
     diffusion_blocks: dict | None = None
     cross_entropy_chunk_size: int | None = None
 
@@ -1041,6 +1051,10 @@ class AgillmConfig(PreTrainedConfig):
             raise ValueError(f"sat_block_size must be at least 2, got {self.sat_block_size}.")
         if self.nat_block_size is not None and self.nat_block_size < 1:
             raise ValueError(f"nat_block_size must be a positive integer or None, got {self.nat_block_size}.")
+        self._check_choice("nat_objective", NAT_OBJECTIVES)
+        if self.nat_objective == "draft" and ("nat" not in self.heads or (self.nat_block_size or 0) < 2):
+            raise ValueError(f"nat_objective='draft' trains a block NAT head: it needs 'nat' in heads and "
+                             f"nat_block_size >= 2, got heads={self.heads}, nat_block_size={self.nat_block_size}.")
         if self.cross_entropy_chunk_size is not None and self.cross_entropy_chunk_size <= 0:  # the type is checked
             raise ValueError(f"cross_entropy_chunk_size must be a positive integer or None, got "
                              f"{self.cross_entropy_chunk_size}.")

@@ -46,8 +46,20 @@ over `model.generation_config` as `generate` does, and return the same `[batch, 
   (deterministic) draft is accepted with the speculative-sampling rule (token d kept with probability p(d), else
   drawn from p with d removed), so the output is distributed exactly as `generate(do_sample=True)`.
 
+* `"verify_and_draft"` (NAT head with `nat_block_size` B >= 2; TiDAR's single-forward hybrid): ONE forward per
+  round. Its tokens are the accepted tokens not yet in the cache (the prompt in the first round, then AR's last
+  token), the k drafts (`draft_length`, default B - 1, at most B - 1), and k + 1 blocks of B masks (`_DraftLayout`):
+  the pending tokens and drafts are causal over the cache, so the AR head verifies every draft in that forward and
+  their K/V are exactly AR's; mask block j sees the cache, the pending tokens and the first j drafts (both ways
+  within itself) and its slots 1..k are the next drafts should exactly j drafts be accepted. After the forward the
+  longest accepted prefix plus AR's own token are emitted, the cache is cropped to the accepted tokens and the
+  drafts of block j are kept. Greedy output is identical to `generate(do_sample=False)` (logits processors
+  included); sampling uses the speculative rule as `staged`. Each round emits 1 to k + 1 tokens for one forward of
+  1 + k + (k + 1) B tokens. Models trained with `nat_objective="draft"` see this exact layout in training.
+
 Limits: no beam search, assisted decoding, streamers, stopping criteria or custom logits processors; NAT modes
-accept only sampling warpers (temperature, top-k, top-p, ...) and min length; `staged` runs one sequence at a time.
+accept only sampling warpers (temperature, top-k, top-p, ...) and min length; `staged` and `verify_and_draft` run
+one sequence at a time.
 """
 
 import math
@@ -55,6 +67,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.logits_process import (
     EpsilonLogitsWarper,
@@ -73,7 +86,7 @@ from transformers.generation.logits_process import (
 from transformers.utils import ModelOutput
 
 
-GENERATION_MODES = ("sat", "nat_mask_predict", "nat_block", "staged")
+GENERATION_MODES = ("sat", "nat_mask_predict", "nat_block", "staged", "verify_and_draft")
 
 # Options of each mode and their defaults; passed as `generate` kwargs or set on the generation config.
 MODE_OPTIONS = {
@@ -81,6 +94,7 @@ MODE_OPTIONS = {
     "nat_mask_predict": {"nat_passes": 4},
     "nat_block": {"nat_threshold": 0.9, "use_block_cache": True},
     "staged": {"draft": None, "draft_length": None},
+    "verify_and_draft": {"draft_length": None},
 }
 ALL_OPTIONS = {name for options in MODE_OPTIONS.values() for name in options}
 
@@ -150,6 +164,7 @@ def agillm_generate(model, inputs=None, generation_config=None, *, generation_mo
         "nat_mask_predict": _nat_mask_predict_generate,
         "nat_block": _nat_block_generate,
         "staged": _staged_generate,
+        "verify_and_draft": _verify_and_draft_generate,
     }[generation_mode]
     new_tokens = decoder(run, **options)
     sequences = run.assemble(new_tokens)
@@ -327,7 +342,8 @@ class _DecodingRun:
 
 
 def _check_heads(config, generation_mode: str) -> None:
-    needed = {"sat": ["sat"], "nat_mask_predict": ["nat"], "nat_block": ["nat"], "staged": []}[generation_mode]
+    needed = {"sat": ["sat"], "nat_mask_predict": ["nat"], "nat_block": ["nat"], "staged": [],
+              "verify_and_draft": ["nat"]}[generation_mode]
     missing = [head for head in needed if head not in config.heads]
     if missing:
         raise ValueError(
@@ -337,6 +353,11 @@ def _check_heads(config, generation_mode: str) -> None:
         raise ValueError(
             "generation_mode='nat_block' needs a block-NAT model (config.nat_block_size); this NAT head is "
             "bidirectional (nat_block_size=None): use generation_mode='nat_mask_predict'."
+        )
+    if generation_mode == "verify_and_draft" and (config.nat_block_size or 0) < 2:
+        raise ValueError(
+            "generation_mode='verify_and_draft' drafts with a block-NAT head of at least 2 tokens per block "
+            f"(config.nat_block_size >= 2, best trained with nat_objective='draft'); got {config.nat_block_size}."
         )
 
 
@@ -765,6 +786,14 @@ def _verify(run: _DecodingRun, generated: list[int], proposal: list[int], logits
     Greedy: a proposed token stays while it is AR's argmax. Sampling (speculative sampling with a deterministic
     draft): it stays with probability p(token), else the position is drawn from p without it.
     """
+    if not run.do_sample and len(run.processors) == 0:  # plain greedy: one argmax over every row
+        choices = logits.argmax(-1).tolist()
+        accepted = []
+        for token, proposed in zip(choices, proposal + [None]):
+            accepted.append(token)
+            if token != proposed or run.is_eos(token):
+                break
+        return accepted
     accepted = []
     for index, logit in enumerate(logits):
         scores = run.scores(run.history(0, generated + accepted), logit)
@@ -783,3 +812,100 @@ def _verify(run: _DecodingRun, generated: list[int], proposal: list[int], logits
         if token != proposed or run.is_eos(token):
             return accepted
     return accepted
+
+
+# --------------------------------------------------------------------------------------------------- verify and draft
+
+
+class _DraftLayout:
+    """The tokens of one `verify_and_draft` forward and who sees whom (TiDAR's structured mask).
+
+    New tokens, after `cached` tokens in the cache: the accepted tokens not fed yet (`pending`), the drafts
+    d_1 .. d_k, then k + 1 mask blocks of `block` masks. Pending tokens and drafts are causal over the cache and each
+    other: the AR head verifies every draft and the cache they leave is exactly AR's. Mask block j stands for the
+    text after "pending + d_1 .. d_j": it sees the cache, the pending tokens and the first j drafts, and its own
+    masks both ways; its slot 0 sits where AR's own token will go, slots 1 .. k are the next drafts.
+    """
+
+    def __init__(self, pending: list[int], drafts: list[int], cached: int, block: int, mask_token_id: int):
+        self.pending, self.drafts, self.cached, self.block = pending, drafts, cached, block
+        self.causal = len(pending) + len(drafts)
+        self.num_blocks = len(drafts) + 1
+        self.tokens = pending + drafts + [mask_token_id] * (self.num_blocks * block)
+
+    def position_ids(self, device) -> torch.LongTensor:
+        start = self.cached + len(self.pending)  # position of d_1, and of mask block 0's slot 0
+        causal = torch.arange(self.cached, self.cached + self.causal, device=device)
+        slots = torch.arange(self.block, device=device)
+        masks = (start + torch.arange(self.num_blocks, device=device)[:, None] + slots).reshape(-1)
+        return torch.cat([causal, masks])[None]
+
+    def mask(self, config, dtype, device) -> torch.Tensor:
+        """The attention mask over [cache ; new tokens], built by the attention implementation's mask function.
+
+        Pure index arithmetic on the query and key indices (no captured tensors), which every mask interface
+        (eager, sdpa, flex's block mask) evaluates the same way.
+        """
+        first_mask = self.cached + self.causal  # index of mask block 0's first slot
+        first_draft = self.cached + len(self.pending)
+        block = self.block
+
+        def draft_layout(batch_idx, head_idx, q_idx, kv_idx):
+            q_block = (q_idx - first_mask) // block  # >= 0 for masks
+            q_is_mask, kv_is_mask = q_idx >= first_mask, kv_idx >= first_mask
+            # Outside its own block, a causal token sees itself and what precedes it; mask block j sees the cache,
+            # the pending tokens and d_1 .. d_j.
+            visible_end = torch.where(q_is_mask, first_draft + q_block, q_idx + 1)
+            own_block = q_is_mask & kv_is_mask & ((kv_idx - first_mask) // block == q_block)
+            return (kv_idx < visible_end) | own_block
+
+        return ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation](
+            batch_size=1, q_length=len(self.tokens), kv_length=self.cached + len(self.tokens), q_offset=self.cached,
+            kv_offset=0, mask_function=draft_layout, attention_mask=None, allow_is_causal_skip=False, dtype=dtype,
+            config=config, device=device,
+        )  # fmt: skip
+
+    def ar_rows(self) -> slice:
+        """Hidden rows whose AR logits score d_1 .. d_k and the token after the last of them."""
+        return slice(len(self.pending) - 1, self.causal)
+
+    def next_drafts(self, accepted_drafts: int, count: int) -> slice:
+        """Hidden rows of slots 1 .. count of the mask block that follows `accepted_drafts` accepted drafts."""
+        start = self.causal + accepted_drafts * self.block + 1
+        return slice(start, start + count)
+
+
+def _verify_and_draft_generate(run: _DecodingRun, draft_length: int | None) -> list[list[int]]:
+    """One forward per round: AR verifies the drafts, NAT drafts the next ones for every possible outcome."""
+    if run.input_ids.shape[0] != 1:
+        raise ValueError(
+            "generation_mode='verify_and_draft' decodes one sequence at a time (like assisted generation); got a "
+            f"batch of {run.input_ids.shape[0]}. Call it per prompt."
+        )
+    block = run.config.nat_block_size
+    if draft_length is not None and (not isinstance(draft_length, int) or not 1 <= draft_length < block):
+        raise ValueError(f"draft_length must be an integer in [1, nat_block_size - 1 = {block - 1}], got "
+                         f"{draft_length!r}.")
+    draft_length = draft_length or block - 1
+    padding = run.input_ids.shape[1] - int(run.attention_mask.sum())
+    pending = run.input_ids[0, padding:].tolist()  # accepted, not in the cache yet; first the whole prompt
+    cache = DynamicCache(config=run.config)
+    cached, drafts, generated = 0, [], []
+    device, dtype = run.input_ids.device, run.model.get_input_embeddings().weight.dtype
+    while True:
+        layout = _DraftLayout(pending, drafts, cached, block, run.mask_token_id)
+        hidden = run.trunk(
+            "nat", _as_ids(run, layout.tokens), attention_mask={"full_attention": layout.mask(run.config, dtype, device)},
+            position_ids=layout.position_ids(device), cache=cache,
+        )[0]
+        accepted = _verify(run, generated, drafts, run.model.lm_head(hidden[layout.ar_rows()]))
+        generated += accepted
+        if run.is_eos(generated[-1]) or len(generated) >= run.max_new_tokens:
+            return [generated]
+        accepted_drafts = len(accepted) - 1  # then AR's own token (an accepted EOS draft has returned above)
+        # Keep the K/V of the pending tokens and the accepted drafts (exact AR states); drop the rest.
+        cached += len(pending) + accepted_drafts
+        _crop(cache, cached)
+        pending = accepted[accepted_drafts:]  # AR's own token
+        count = min(draft_length, run.max_new_tokens - len(generated) - 1)  # the next verify adds one of its own
+        drafts = _argmax_draft(run, run.model.nat_head(hidden[layout.next_drafts(accepted_drafts, count)]))

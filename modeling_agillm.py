@@ -1381,8 +1381,9 @@ class AgillmModel(AgillmPreTrainedModel):
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         elif past_length == 0:
             positions = position_ids
-        else:
-            positions = torch.arange(past_length + position_ids.shape[-1], device=position_ids.device)[None]
+        else:  # cached keys sit at 0 .. past - 1; new ones where `position_ids` put them (a draft layout repeats some)
+            cached = torch.arange(past_length, device=position_ids.device)[None].expand(position_ids.shape[0], -1)
+            positions = torch.cat([cached, position_ids], dim=-1)
         positions = positions.expand(batch_size, -1)
         if positions.shape[-1] < kv_length:  # a static cache has room for more keys than were seen yet
             extra = torch.arange(1, kv_length - positions.shape[-1] + 1, device=positions.device)
@@ -1951,7 +1952,12 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         """`sum_o weight_o * loss_o`, one trunk pass per objective (each needs its own attention pattern)."""
         kwargs.pop("num_items_in_batch", None)  # each objective averages over its own targets
         losses, ar_output = {}, None
-        for objective in self._training_objectives():
+        objectives = self._training_objectives()
+        if self.config.nat_objective == "draft" and {"ar", "nat"} <= set(objectives):
+            # TiDAR layout: one pass gives both the AR loss (clean half) and the NAT loss (all-mask half)
+            losses, ar_output = self._draft_losses(inputs, labels, **kwargs)
+            objectives = [name for name in objectives if name not in ("ar", "nat")]
+        for objective in objectives:
             # The class's forward, not `self(...)`: wrappers that engines install on the instance (accelerate's
             # mixed-precision `torch.autocast` around `model.forward`, offload hooks) already wrap this call, and
             # re-entering the same autocast object from inside itself leaves autocast switched on after training.
@@ -1959,13 +1965,28 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
             losses[objective] = output.loss
             if objective == "ar":
                 ar_output = output
-        loss = sum(self.config.objective_weights[name] * value for name, value in losses.items())
+        loss = sum(weight * losses[name] for name, weight in self.config.objective_weights.items() if name in losses)
         return AgillmCausalLMOutputWithPast(
             loss=loss,
             logits=ar_output.logits if ar_output is not None else None,
             objective_losses=losses,
             hidden_states=ar_output.hidden_states if ar_output is not None else None,
         )
+
+    def _draft_losses(self, inputs: dict, labels: torch.Tensor, **kwargs) -> tuple[dict, AgillmCausalLMOutputWithPast]:
+        """`nat_objective="draft"`: the AR loss (+ MTP) and the NAT loss from ONE pass over [clean ; all masks].
+
+        The clean half is causal and never sees a mask token, so its hidden states, AR loss and MTP loss are those of
+        a plain AR pass; the mask half is the NAT draft of every block given the clean blocks before it.
+        """
+        nat_loss, _, outputs = self._nat_loss(inputs, labels, **kwargs)
+        clean_hidden = outputs.last_hidden_state[:, : labels.shape[1]]
+        logits = None if self._chunked_cross_entropy else self.lm_head(clean_hidden)
+        losses = {"ar": self._ar_loss(logits, labels, clean_hidden), "nat": nat_loss}
+        if self.config.num_mtp_layers:
+            losses["mtp"] = self._mtp_loss(inputs, clean_hidden, labels)
+            losses["ar"] = losses["ar"] + self.config.mtp_loss_weight * losses["mtp"]
+        return losses, AgillmCausalLMOutputWithPast(logits=logits, hidden_states=outputs.hidden_states)
 
     def _ar_loss(self, logits: torch.Tensor | None, labels: torch.Tensor, hidden_states=None, **kwargs):
         """Next-token loss, from `logits` or (`logits=None`, chunked cross-entropy) from `hidden_states`."""
@@ -2026,7 +2047,8 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         return token_cross_entropy(gate_logits[:, :span:block], stride_class)
 
     def _nat_noise(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hide each target with probability r ~ U(0, 1), drawn per row (per block with `nat_block_size`).
+        """Hide each target with probability r ~ U(0, 1), drawn per row (per block with `nat_block_size`); with
+        `nat_objective="draft"`, hide every token (a draft block starts all masks).
 
         AGILLM 4.x hid each token with probability 0.5; a uniform ratio trains every masking level that decoding
         meets, from the first pass (all hidden) to the last (a few hidden).
@@ -2034,6 +2056,8 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         Returns the noised ids and the NAT targets (`labels` where hidden, -100 elsewhere).
         """
         batch, seq_len = input_ids.shape
+        if self.config.nat_objective == "draft":  # every token hidden: the draft block decoding starts from
+            return torch.full_like(input_ids, self.config.nat_mask_token_id), labels
         block = self.config.nat_block_size or seq_len
         num_blocks = -(-seq_len // block)
         # Training draws fresh masks; evaluation draws the same ones every call, so held-out NAT loss is reproducible.
@@ -2050,6 +2074,8 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         Bidirectional NAT (AGILLM 4.x) runs on the noised sequence. Block NAT trains exactly as it decodes: the
         clean sequence and the noised one run side by side; a noised block sees the *clean* earlier blocks and its
         own noised block, a clean block sees clean blocks up to itself — the KV cache of finished blocks at decode.
+        With `nat_objective="draft"` the clean tokens are causal instead (the AR cache `verify_and_draft` drafts
+        over) and the noised copy is all masks.
         """
         input_ids = inputs["input_ids"]
         if input_ids is None:
@@ -2076,11 +2102,14 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         position_ids = position_ids.expand(batch, -1)
         block_of = position_ids // self.config.nat_block_size
 
+        causal_clean = self.config.nat_objective == "draft"  # clean tokens as AR sees them, else block-causal
+
         def clean_then_noised(batch_idx, head_idx, q_idx, kv_idx):
             q_clean, kv_clean = q_idx < seq_len, kv_idx < seq_len
             q_block = block_of[batch_idx, torch.where(q_clean, q_idx, q_idx - seq_len)]
             kv_block = block_of[batch_idx, torch.where(kv_clean, kv_idx, kv_idx - seq_len)]
-            clean_query = q_clean & kv_clean & (kv_block <= q_block)
+            seen_clean = (kv_idx <= q_idx) if causal_clean else (kv_block <= q_block)
+            clean_query = q_clean & kv_clean & seen_clean
             noised_query = ~q_clean & ((kv_clean & (kv_block < q_block)) | (~kv_clean & (kv_block == q_block)))
             return clean_query | noised_query
 
@@ -2112,7 +2141,8 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
     def generate(self, *args, generation_mode: str | None = None, **kwargs):
         r"""
         `GenerationMixin.generate`, plus `generation_mode` for AGILLM's parallel decoders (see
-        `generation_agillm.py`): `"sat"`, `"nat_mask_predict"`, `"nat_block"`, `"staged"`, and the DiffusionBlocks
+        `generation_agillm.py`): `"sat"`, `"nat_mask_predict"`, `"nat_block"`, `"staged"`, `"verify_and_draft"`
+        (one forward verifies the last drafts with AR and drafts the next with NAT), and the DiffusionBlocks
         Euler sampler `"diffusion_euler"` (`diffusion_blocks_agillm.py`). `None` or `"ar"` is
         standard autoregressive generation (greedy, sampling, beam search, assisted, ...).
         """

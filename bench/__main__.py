@@ -12,6 +12,7 @@
 `python -m bench quantized_kv [--quick] [--perplexity]`: decode over an int8/int4 KV cache (`bench.quantized_kv`).
 `python -m bench moe_kernels [--quick] [...]`: MoE experts kernel agillm_grouped vs stock, CPU (`bench.moe_kernels`).
 `python -m bench attention_kernels [--quick]`: attn_implementation="agillm" vs stock attention on CPU (`bench.attention_kernels`).
+`python -m bench verify_and_draft [--quick] [...]`: single-forward staged decoding vs AR greedy (`bench.verify_and_draft`).
 """
 
 import sys
@@ -20,6 +21,7 @@ from . import compare_llama, cpu_decode, decoding, kv_table, moe, moe_routing, m
 from . import moe_kernels
 from . import fused_cross_entropy
 from . import attention_kernels
+from . import verify_and_draft
 
 
 if __name__ == "__main__":
@@ -49,5 +51,7 @@ if __name__ == "__main__":
         quantized_kv.main(sys.argv[2:])
     elif sys.argv[1:2] == ["moe_kernels"]:
         moe_kernels.main(sys.argv[2:])
+    elif sys.argv[1:2] == ["verify_and_draft"]:
+        verify_and_draft.main(sys.argv[2:])
     else:
         compare_llama.main()

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from transformers import CompileConfig, LogitsProcessorList
 
-from kernels.quantized_linear import quantize_weights
+from kernels.quantized_linear import _WeightOnlyLinear, quantize_weights
 from modeling_agillm import AgillmForCausalLM
 
 from .cli import BENCH_DIR, REPO_ROOT, bench_parser, parse_bench_args, write_report
@@ -125,6 +125,19 @@ def bytes_per_decode_step(model: AgillmForCausalLM, context: float) -> float:
 # --------------------------------------------------------------------------------------------------- timing
 
 
+def matmuls_alone(model: AgillmForCausalLM) -> float:
+    """Decode steps/s of the packed-int matmuls alone: every quantized linear of the model once, in model order, on
+    one bf16 row (a decode step's matmuls with nothing else: no norms, attention, cache or Python model code). The
+    ceiling the torch kernel puts on a whole decode step."""
+    layers = [module for module in model.modules() if isinstance(module, _WeightOnlyLinear)]
+    rows = [torch.randn(1, layer.in_features, dtype=layer.compute_dtype) for layer in layers]
+    with torch.inference_mode():
+        start = time.perf_counter()
+        for layer, row in zip(layers, rows):
+            layer._matmul(row)
+        return 1.0 / (time.perf_counter() - start)
+
+
 def read_bandwidth(buffer: torch.Tensor) -> float:
     """Bytes/s of one pass of `torch.sum` over `buffer` (uses torch's current thread count)."""
     start = time.perf_counter()
@@ -208,7 +221,7 @@ def gguf_bytes_per_step(gguf: Path, model: AgillmForCausalLM, context: float) ->
 # --------------------------------------------------------------------------------------------------- bench
 
 
-def run(plan: Plan, threads: int, llama_python: str | None) -> tuple[list[Variant], list[float], dict]:
+def run(plan: Plan, threads: int, llama_python: str | None) -> tuple[list[Variant], list[float], dict, dict]:
     setup = SETUPS[plan.setup]()
     models = build_variant_models(setup, plan)
     prompt = torch.randint(3, setup.agillm_config.vocab_size, (1, plan.prompt_tokens),
@@ -240,15 +253,18 @@ def run(plan: Plan, threads: int, llama_python: str | None) -> tuple[list[Varian
 
     buffer = torch.ones(BANDWIDTH_ARRAY_BYTES // 4)
     bandwidths = []
+    matmul_floor = {weights: [] for weights in ("int8", "int4")}
     for round_index in range(plan.repeats):
         bandwidths.append(statistics.median(read_bandwidth(buffer) for _ in range(3)))
+        for weights, speeds in matmul_floor.items():
+            speeds.append(statistics.median(matmuls_alone(models[weights]) for _ in range(5)))
         for variant in variants:
             decode_variant(variant, models, workers, prompt, plan)
         print(f"[round {round_index + 1}/{plan.repeats}] bandwidth {bandwidths[-1] / 1e9:.1f} GB/s; "
               + ", ".join(f"{v.name} {v.tokens_per_second[-1]:.1f}" for v in variants), flush=True)
     for worker in workers.values():
         worker.close()
-    return variants, bandwidths, first_call_seconds
+    return variants, bandwidths, first_call_seconds, matmul_floor
 
 
 def decode_variant(variant: Variant, models, workers, prompt, plan: Plan, record: bool = False) -> None:
@@ -381,6 +397,36 @@ def markdown_report(rows, bandwidths, first_calls, plan: Plan, machine: dict, qu
     return "\n".join(lines) + "\n"
 
 
+def matmul_floor_rows(matmul_floor: dict, variants: list[Variant]) -> list[dict]:
+    """The matmuls-alone ceiling of each int format next to the whole compiled step and llama.cpp's whole step."""
+    by_name = {variant.name: variant for variant in variants}
+    llama = {variant.weights: variant for variant in variants if variant.llama_format}
+    rows = []
+    for weights, speeds in matmul_floor.items():
+        compiled = by_name[f"{weights} static + compile"]
+        row = {"weights": weights, "matmuls_alone_steps_per_second": statistics.median(speeds),
+               "compiled_tokens_per_second": statistics.median(compiled.tokens_per_second)}  # fmt: skip
+        if weights in llama:
+            row["llama_cpp_format"] = llama[weights].llama_format
+            row["llama_cpp_tokens_per_second"] = statistics.median(llama[weights].tokens_per_second)
+        rows.append(row)
+    return rows
+
+
+def matmul_floor_report(rows: list[dict]) -> str:
+    lines = ["", "What the torch kernels allow: the packed-int matmuls of one decode step alone (every quantized "
+             "linear once, in model order, on one bf16 row; `matmuls_alone`), median over the rounds, next to the "
+             "whole compiled step and llama.cpp's whole step at the same precision:", "",
+             "| weights | matmuls alone (steps/s) | whole step, static + compile (tok/s) | llama.cpp whole step (tok/s) |",
+             "| --- | ---: | ---: | ---: |"]
+    for row in rows:
+        llama = (f"{row['llama_cpp_tokens_per_second']:.1f} ({row['llama_cpp_format']})"
+                 if "llama_cpp_tokens_per_second" in row else "")
+        lines.append(f"| {row['weights']} | {row['matmuls_alone_steps_per_second']:.1f} | "
+                     f"{row['compiled_tokens_per_second']:.1f} | {llama} |")
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv=None):
     parser = bench_parser("cpu_decode", __doc__.splitlines()[0], "small random model, 16 tokens, 2 rounds")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, 2 with --quick)")
@@ -404,11 +450,13 @@ def main(argv=None) -> dict:
         plan.repeats = args.repeats
     plan.compile_mode = args.compile_mode
     start = time.perf_counter()
-    variants, bandwidths, first_calls = run(plan, args.threads, args.llama_cpp_python)
+    variants, bandwidths, first_calls, matmul_floor = run(plan, args.threads, args.llama_cpp_python)
     rows = table_rows(variants, bandwidths)
+    floor = matmul_floor_rows(matmul_floor, variants)
     machine = machine_info(args.threads)
     report = markdown_report(rows, bandwidths, first_calls, plan, machine, args.quick, time.perf_counter() - start)
+    report += matmul_floor_report(floor)
     raw = {"machine": machine, "plan": asdict(plan), "bandwidth_bytes_per_second": bandwidths,
-           "first_call_seconds": first_calls, "rows": rows}
+           "first_call_seconds": first_calls, "rows": rows, "matmuls_alone": floor}
     write_report(args.output, report, raw, echo_report=True)
     return raw

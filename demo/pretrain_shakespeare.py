@@ -61,7 +61,7 @@ EVALS_DURING_TRAINING = 3  # evaluations between the one at the start and the on
 REPORTED_CONFIG_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings", "heads",
-    "objective_weights", "sat_block_size", "sat_gate_loss", "nat_block_size", "nat_mask_token_id",
+    "objective_weights", "sat_block_size", "sat_gate_loss", "nat_block_size", "nat_objective", "nat_mask_token_id",
 )  # fmt: skip
 # NAT hides a random share of every block; held-out evaluations draw that noise from this seed (in a forked RNG, so
 # training's random stream is untouched), so every evaluation hides the same tokens and the NAT curve is comparable.

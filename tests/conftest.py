@@ -60,6 +60,19 @@ class TinyRows(torch.utils.data.Dataset):
         return {"input_ids": row, "labels": row}
 
 
+def _one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# Tiny models gain nothing from intra-op threads: a second thread costs more than it saves, and on a busy 2-core
+# machine an OpenMP barrier can cost tens of milliseconds per op. Restored afterwards.
+one_torch_thread = pytest.fixture(_one_torch_thread, name="one_torch_thread")  # per test
+one_torch_thread_per_module = pytest.fixture(_one_torch_thread, scope="module", name="one_torch_thread_per_module")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def no_module_patches_leak():
     """`kernels.enable()` swaps AGILLM classes in every model loaded afterwards: a test module that enables it must

@@ -65,13 +65,7 @@ def new_tokens(output, prompt_width: int, pad_token_id: int = 0) -> list[list[in
     return [row[prompt_width:].tolist() for row in output.sequences]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are too small to gain from intra-op threads, which only contend on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")  # tiny models: one thread (conftest)
 
 
 class TrunkCounter:

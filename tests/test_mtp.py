@@ -169,3 +169,72 @@ def test_use_mtp_on_a_model_not_loaded_from_a_folder_raises(sequence):
     model = build_tiny_model(seed=0, num_mtp_layers=1)
     with pytest.raises(ValueError, match="save_pretrained"):
         model.generate(sequence[:1], max_new_tokens=3, do_sample=False, use_mtp=True)
+
+
+# --------------------------------------------------------------------------------------------------- cached features
+# bench/mtp.py trains SmolLM2's MTP module with the trunk frozen on trunk features computed once (the trunk is ~30x
+# the cost of a step otherwise). The shortcut must be the same training signal as the full forward's MTP loss.
+
+
+@pytest.fixture(params=[1, 2], ids=["depth1", "depth2"])
+def frozen_trunk_model(request):
+    from bench.mtp import freeze_all_but_mtp
+
+    model = build_tiny_model(seed=0, num_mtp_layers=request.param, initializer_range=INIT_STD).train()
+    freeze_all_but_mtp(model)
+    return model
+
+
+def test_cached_feature_mtp_loss_and_gradients_equal_the_full_forward(frozen_trunk_model):
+    from bench.mtp import cache_trunk_features, cached_mtp_loss
+
+    model = frozen_trunk_model
+    blocks = torch.randint(4, 128, (5, SEQ_LEN), generator=torch.Generator().manual_seed(5))
+    trainable = mtp_parameters(model)
+    assert trainable and all(p.requires_grad for p in trainable.values())
+
+    full_loss = model(blocks, labels=blocks).objective_losses["mtp"]
+    full_loss.backward()
+    full_grads = {name: parameter.grad.clone() for name, parameter in trainable.items()}
+    model.zero_grad(set_to_none=True)
+
+    features = cache_trunk_features(model, blocks, batch_size=2)  # batched: 2 + 2 + 1 blocks
+    assert model.training and not features.requires_grad and features.shape == (5, SEQ_LEN, model.config.hidden_size)
+    cached_loss = cached_mtp_loss(model, blocks, features)
+    cached_loss.backward()
+
+    torch.testing.assert_close(cached_loss, full_loss, rtol=1e-6, atol=1e-6)
+    for name, parameter in trainable.items():
+        assert parameter.grad is not None and parameter.grad.any(), name
+        torch.testing.assert_close(parameter.grad, full_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    # The trunk, embedding and tied head get no gradient: the cached features are detached and everything else
+    # the MTP loss touches is frozen.
+    assert [name for name, p in model.named_parameters() if name not in trainable and p.grad is not None] == []
+
+
+def test_cached_feature_training_changes_only_mtp_and_lowers_the_loss(frozen_trunk_model):
+    from bench.mtp import CachedTraining, cache_trunk_features, train_mtp_on_cached_features
+
+    model = frozen_trunk_model
+    blocks = torch.randint(4, 128, (4, SEQ_LEN), generator=torch.Generator().manual_seed(6))
+    trainable = mtp_parameters(model)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    features = cache_trunk_features(model, blocks, batch_size=4)
+    training = CachedTraining(steps=12, batch_size=2, learning_rate=1e-2, evaluations=1)
+    result = train_mtp_on_cached_features(model, blocks, features, training, held_out=(blocks, features))
+    first, last = result["held_out_mtp_loss"][0], result["held_out_mtp_loss"][-1]
+    assert (first["step"], last["step"]) == (0, 12) and last["loss"] < 0.8 * first["loss"], result
+    assert result["tokens_seen"] == 12 * 2 * SEQ_LEN and result["epochs"] == 6
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n not in trainable)
+    assert all(not torch.equal(p, before[n]) for n, p in trainable.items())
+
+
+def test_cached_feature_training_refuses_a_trainable_trunk():
+    from bench.mtp import CachedTraining, cache_trunk_features, train_mtp_on_cached_features
+
+    model = build_tiny_model(seed=0, num_mtp_layers=1)  # nothing frozen: the cached features would go stale
+    blocks = torch.randint(4, 128, (2, SEQ_LEN), generator=torch.Generator().manual_seed(7))
+    features = cache_trunk_features(model, blocks, batch_size=2)
+    training = CachedTraining(steps=1, batch_size=1, learning_rate=0.1)
+    with pytest.raises(ValueError, match="frozen trunk"):
+        train_mtp_on_cached_features(model, blocks, features, training)

@@ -79,14 +79,7 @@ def one_image_prompt(config: AgillmConfig) -> dict:
             "pixel_values": random_images(config, 1)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models are tiny: a second thread costs more than it saves, and on a busy 2-core machine an OpenMP
-    barrier can cost tens of milliseconds per op. Restored after this file."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")  # tiny models: one thread (conftest)
 
 
 @pytest.fixture

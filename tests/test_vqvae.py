@@ -203,16 +203,7 @@ def test_save_and_load_round_trip_gives_identical_codes(tmp_path):
         torch.testing.assert_close(getattr(loaded.quantize, name), buffer, rtol=0, atol=0)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny convolutions run fastest on one thread; more only add synchronisation (and stall on a busy machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def test_short_training_on_real_digits_lowers_reconstruction_loss(one_thread):
+def test_short_training_on_real_digits_lowers_reconstruction_loss(one_torch_thread):
     digits, _ = load_digits()
     # The digits at their own 8x8 resolution (the processor only rescales and normalises): a 4x4 latent grid.
     processor = AgillmImageProcessor(size={"height": 8, "width": 8})
