@@ -752,15 +752,20 @@ def _make_drafter(run: _DecodingRun, draft: str | None, draft_length: int | None
     return _NatBlockDrafter(run, draft_length)
 
 
-def _staged_generate(run: _DecodingRun, draft: str | None, draft_length: int | None) -> list[list[int]]:
+def _single_prompt(run: _DecodingRun, generation_mode: str) -> list[int]:
+    """The one prompt of a draft-and-verify decoder, padding removed (they decode one sequence at a time)."""
     if run.input_ids.shape[0] != 1:
         raise ValueError(
-            "generation_mode='staged' decodes one sequence at a time (like assisted generation); got a batch of "
-            f"{run.input_ids.shape[0]}. Call it per prompt."
+            f"generation_mode={generation_mode!r} decodes one sequence at a time (like assisted generation); got a "
+            f"batch of {run.input_ids.shape[0]}. Call it per prompt."
         )
-    drafter = _make_drafter(run, draft, draft_length)
     padding = run.input_ids.shape[1] - int(run.attention_mask.sum())
-    tokens = run.input_ids[0, padding:].tolist()
+    return run.input_ids[0, padding:].tolist()
+
+
+def _staged_generate(run: _DecodingRun, draft: str | None, draft_length: int | None) -> list[list[int]]:
+    tokens = _single_prompt(run, "staged")
+    drafter = _make_drafter(run, draft, draft_length)
     cache = DynamicCache(config=run.config)
     cached = 0  # tokens [0, cached) are in the AR cache
     generated: list[int] = []
@@ -786,22 +791,18 @@ def _verify(run: _DecodingRun, generated: list[int], proposal: list[int], logits
     Greedy: a proposed token stays while it is AR's argmax. Sampling (speculative sampling with a deterministic
     draft): it stays with probability p(token), else the position is drawn from p without it.
     """
-    if not run.do_sample and len(run.processors) == 0:  # plain greedy: one argmax over every row
-        choices = logits.argmax(-1).tolist()
-        accepted = []
-        for token, proposed in zip(choices, proposal + [None]):
-            accepted.append(token)
-            if token != proposed or run.is_eos(token):
-                break
-        return accepted
+    # Plain greedy (no processor reads the history): one argmax over every row, on fp32 scores as `generate` and
+    # `run.scores` take it.
+    plain_argmax = logits.float().argmax(-1).tolist() if not run.do_sample and len(run.processors) == 0 else None
     accepted = []
     for index, logit in enumerate(logits):
-        scores = run.scores(run.history(0, generated + accepted), logit)
         proposed = proposal[index] if index < len(proposal) else None
-        if not run.do_sample:
-            token = int(scores.argmax())
+        if plain_argmax is not None:
+            token = plain_argmax[index]
+        elif not run.do_sample:
+            token = int(run.scores(run.history(0, generated + accepted), logit).argmax())
         else:
-            probs = scores.softmax(-1)
+            probs = run.scores(run.history(0, generated + accepted), logit).softmax(-1)
             if proposed is not None and torch.rand((), device=probs.device) < probs[proposed]:
                 token = proposed
             else:
@@ -828,7 +829,7 @@ class _DraftLayout:
     """
 
     def __init__(self, pending: list[int], drafts: list[int], cached: int, block: int, mask_token_id: int):
-        self.pending, self.drafts, self.cached, self.block = pending, drafts, cached, block
+        self.pending, self.cached, self.block = pending, cached, block
         self.causal = len(pending) + len(drafts)
         self.num_blocks = len(drafts) + 1
         self.tokens = pending + drafts + [mask_token_id] * (self.num_blocks * block)
@@ -877,18 +878,12 @@ class _DraftLayout:
 
 def _verify_and_draft_generate(run: _DecodingRun, draft_length: int | None) -> list[list[int]]:
     """One forward per round: AR verifies the drafts, NAT drafts the next ones for every possible outcome."""
-    if run.input_ids.shape[0] != 1:
-        raise ValueError(
-            "generation_mode='verify_and_draft' decodes one sequence at a time (like assisted generation); got a "
-            f"batch of {run.input_ids.shape[0]}. Call it per prompt."
-        )
+    pending = _single_prompt(run, "verify_and_draft")  # accepted, not in the cache yet; first the whole prompt
     block = run.config.nat_block_size
     if draft_length is not None and (not isinstance(draft_length, int) or not 1 <= draft_length < block):
         raise ValueError(f"draft_length must be an integer in [1, nat_block_size - 1 = {block - 1}], got "
                          f"{draft_length!r}.")
     draft_length = draft_length or block - 1
-    padding = run.input_ids.shape[1] - int(run.attention_mask.sum())
-    pending = run.input_ids[0, padding:].tolist()  # accepted, not in the cache yet; first the whole prompt
     cache = DynamicCache(config=run.config)
     cached, drafts, generated = 0, [], []
     device, dtype = run.input_ids.device, run.model.get_input_embeddings().weight.dtype

@@ -20,16 +20,17 @@ Writes `bench/verify_and_draft.md` and `.json`. Usage: `python -m bench verify_a
 """
 
 import argparse
-import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, set_seed
 
 from configuration_agillm import AgillmConfig
-from demo.pretrain_shakespeare import TrainingPlan, build_datasets, small_agillm_config, train
+from demo.pretrain_shakespeare import TrainingPlan, build_datasets, perplexity, small_agillm_config, train
 from modeling_agillm import AgillmForCausalLM
 from tokenizer import TOKENIZER_DIR
 
@@ -87,6 +88,13 @@ def decoders(plan: Plan) -> list[Decoder]:
 # --------------------------------------------------------------------------------------------------- models
 
 
+def final_evaluation(trainer) -> dict:
+    """Held-out AR perplexity and NAT loss of the demo `Trainer`'s last evaluation."""
+    evaluation = [entry for entry in trainer.state.log_history if "eval_ar_loss" in entry][-1]
+    return {"held_out_ar_perplexity": perplexity(evaluation["eval_ar_loss"]),
+            "held_out_nat_loss": evaluation["eval_nat_loss"]}
+
+
 def held_out_ar_perplexity(model, eval_dataset) -> float:
     model.eval()
     losses = []
@@ -94,7 +102,7 @@ def held_out_ar_perplexity(model, eval_dataset) -> float:
         for row in eval_dataset:
             ids = row["input_ids"][None]
             losses.append(float(model(ids, labels=ids, objective="ar").loss))
-    return math.exp(sum(losses) / len(losses))
+    return perplexity(sum(losses) / len(losses))
 
 
 def self_distillation_rows(model, train_dataset, prompts: int, plan: Plan, batch_size: int = 64) -> Dataset:
@@ -134,13 +142,11 @@ def train_demo_model(plan: Plan) -> tuple[AgillmForCausalLM, object, dict]:
                     plan.demo_steps, plan.seed)
     model.eval()
     model.config.use_cache = True
-    evaluation = [entry for entry in trainer.state.log_history if "eval_ar_loss" in entry][-1]
     training = {
         "steps": trainer.state.global_step,
         "train_seconds": round(trainer.step_budget.step_seconds, 1),
         "objective_weights": weights,
-        "held_out_ar_perplexity": math.exp(evaluation["eval_ar_loss"]),
-        "held_out_nat_loss": evaluation["eval_nat_loss"],
+        **final_evaluation(trainer),
     }
     return model, tokenizer, training, (train_dataset, eval_dataset)
 
@@ -156,14 +162,12 @@ def distill_demo_model(model, datasets, plan: Plan) -> dict:
     trainer = train(model.train(), rows, eval_dataset, training_plan, plan.distill_steps, plan.seed)
     model.eval()
     model.config.use_cache = True
-    evaluation = [entry for entry in trainer.state.log_history if "eval_ar_loss" in entry][-1]
     return {
         "greedy_rows": plan.distill_prompts, "real_rows": plan.distill_prompts,
         "row_tokens": plan.distill_prompt_tokens + plan.distill_new_tokens,
         "generate_seconds": round(generate_seconds, 1), "steps": trainer.state.global_step,
         "train_seconds": round(trainer.step_budget.step_seconds, 1),
-        "held_out_ar_perplexity": math.exp(evaluation["eval_ar_loss"]),
-        "held_out_nat_loss": evaluation["eval_nat_loss"],
+        **final_evaluation(trainer),
     }  # fmt: skip
 
 
@@ -295,9 +299,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    import tempfile
-    from pathlib import Path
-
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     plan = Plan.quick() if args.quick else Plan()

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from conftest import TinyRows
+from conftest import TinyRows, build_tiny_model
 from configuration_agillm import AgillmConfig
 from losses_agillm import head_cross_entropy, linear_cross_entropy
 from modeling_agillm import AgillmForCausalLM
@@ -212,18 +212,8 @@ def test_a_head_whose_forward_is_not_a_plain_linear_is_refused():
 
 
 def tiny_model(chunk_size, seed=0, **overrides) -> AgillmForCausalLM:
-    fields = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        cross_entropy_chunk_size=chunk_size,
-    )
-    torch.manual_seed(seed)
-    return AgillmForCausalLM(AgillmConfig(**{**fields, **overrides})).train()
+    fields = {"vocab_size": 64, "intermediate_size": 48, "cross_entropy_chunk_size": chunk_size}
+    return build_tiny_model(seed, **{**fields, **overrides}).train()
 
 
 def batch(rows=2, length=12, seed=1):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from conftest import TinyRows
+from conftest import TinyRows, build_tiny_config
 from configuration_agillm import AgillmConfig
 from modeling_agillm import (
     AgillmForCausalLM,
@@ -18,18 +18,8 @@ from modeling_agillm import (
 
 
 def tiny_config(**overrides) -> AgillmConfig:
-    fields = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        heads=["ar", "sat", "nat"],
-        max_position_embeddings=128,
-    )
-    fields.update(overrides)
-    return AgillmConfig(**fields)
+    fields = {"vocab_size": 64, "intermediate_size": 48, "heads": ["ar", "sat", "nat"], "max_position_embeddings": 128}
+    return build_tiny_config(**{**fields, **overrides})
 
 
 def tiny_model(seed: int = 0, attn: str = "sdpa", **overrides) -> AgillmForCausalLM:
