@@ -1,17 +1,20 @@
-"""CPU decode of SmolLM2-135M near the memory roofline: fp32, bf16, weight-only int8 / int4, eager and compiled.
+"""CPU decode of SmolLM2-135M near the memory roofline: fp32, bf16, weight-only int8 / int4; eager, compiled, AOT.
 
 Batch-1 greedy decode reads every weight once per token, so its ceiling is memory bandwidth / bytes per token. For
 each variant, one process, runs interleaved round by round (warm-up round discarded, median of the timed rounds):
     variant          weights (fp32, bf16 = `model.to(bfloat16)`, int8 / int4 = `kernels.quantize_weights`, packed
-                     ATen kernels with bf16 activations) x decode path: eager `generate` (dynamic cache), or
-                     `generate(cache_implementation="static", compile_config=...)` (inductor compiles the decode step);
+                     ATen kernels with bf16 activations) x decode path: eager `generate` (dynamic cache),
+                     `generate(cache_implementation="static", compile_config=...)` (inductor compiles the decode step),
+                     or `generate(custom_generate=ExportedDecoder)` (`kernels/exported_decoder.py`: the model
+                     exported and compiled ahead of time by AOTInductor, static cache inside; no Python per step but
+                     the sampling loop);
     tokens/s         greedy `generate` of `new_tokens` after a `prompt_tokens` random prompt, counting only the
                      single-token decode steps (`bench.timing.DecodeClock`, prefill excluded);
     bandwidth        read bandwidth measured in every round, between the decode runs: `torch.sum` over a 256 MiB
                      fp32 array (8x the L3 cache) with the same thread count; the table uses its median;
     roofline         bandwidth / bytes read per decode step; the bytes are those of every weight the step reads in
                      the format used (an untied or quantized head reads its own matrix, the embedding one row) plus
-                     the KV cache at the step's context length (the whole static cache for compiled runs);
+                     the KV cache at the step's context length (the whole static cache for compiled / AOT runs);
     greedy tokens    compared with fp32 eager: "same" or the first new-token position that differs.
 llama.cpp (optional, `--llama-cpp-python PATH`: a Python with llama-cpp-python, e.g. its own venv): the same GGUF
 file the fp32 weights come from, converted by llama.cpp's quantizer to F32 / BF16 / Q8_0 (Q4_1 is the shipped file),
@@ -30,6 +33,7 @@ from pathlib import Path
 import torch
 from transformers import CompileConfig, LogitsProcessorList
 
+from kernels.exported_decoder import ExportedDecoder
 from kernels.quantized_linear import _WeightOnlyLinear, quantize_weights
 from modeling_agillm import AgillmForCausalLM
 
@@ -42,6 +46,7 @@ from .timing import DecodeClock
 BANDWIDTH_ARRAY_BYTES = 256 * 2**20
 LLAMA_WORKER = BENCH_DIR / "cpu_decode_llama_worker.py"
 LLAMA_DIR = REPO_ROOT / "outputs/bench/llama_cpp"  # llama.cpp's converted GGUF files (ignored by git)
+AOT_DIR = REPO_ROOT / "outputs/bench/aot"  # AOTInductor packages (ignored by git)
 
 
 @dataclass
@@ -64,7 +69,7 @@ class Variant:
 
     name: str
     weights: str  # fp32 / bf16 / int8 / int4
-    compiled: bool = False
+    path: str = "eager"  # eager / compile (static cache + torch.compile) / aot (ExportedDecoder)
     llama_format: str | None = None
     tokens_per_second: list[float] = field(default_factory=list)
     bytes_per_step: float = 0.0
@@ -72,15 +77,20 @@ class Variant:
 
 
 AGILLM_VARIANTS = [
-    ("fp32 eager", "fp32", False),
-    ("fp32 static + compile", "fp32", True),
-    ("bf16 eager", "bf16", False),
-    ("bf16 static + compile", "bf16", True),
-    ("int8 eager", "int8", False),
-    ("int8 static + compile", "int8", True),
-    ("int4 eager", "int4", False),
-    ("int4 static + compile", "int4", True),
-    ("int4 group 64 static + compile", "int4-g64", True),  # 4.5 bits/weight: fewer scales to read than group 32
+    ("fp32 eager", "fp32", "eager"),
+    ("fp32 static + compile", "fp32", "compile"),
+    ("fp32 AOTInductor", "fp32", "aot"),
+    ("bf16 eager", "bf16", "eager"),
+    ("bf16 static + compile", "bf16", "compile"),
+    ("bf16 AOTInductor", "bf16", "aot"),
+    ("int8 eager", "int8", "eager"),
+    ("int8 static + compile", "int8", "compile"),
+    ("int8 AOTInductor", "int8", "aot"),
+    ("int4 eager", "int4", "eager"),
+    ("int4 static + compile", "int4", "compile"),
+    ("int4 AOTInductor", "int4", "aot"),
+    ("int4 group 64 static + compile", "int4-g64", "compile"),  # 4.5 bits/weight: fewer scales than group 32
+    ("int4 group 64 AOTInductor", "int4-g64", "aot"),
 ]
 LLAMA_FORMATS = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_1"}  # same weight precision
 
@@ -102,6 +112,10 @@ def build_variant_models(setup, plan: Plan) -> dict[str, AgillmForCausalLM]:
             quantize_weights(model, bits=4, group_size=plan.int4_group_size)
         elif weights == "int4-g64":
             quantize_weights(model, bits=4, group_size=64)
+        # llama.cpp's worker writes exactly `new_tokens` tokens with no end-of-sequence check; so does `generate`
+        # without an EOS id (forcing the length with `min_new_tokens` instead would add a vocabulary-wide `isin`
+        # per step, ~1.5 ms of a 5 ms int4 step)
+        model.generation_config.eos_token_id = None
         models[weights] = model.eval()
     return models
 
@@ -145,16 +159,17 @@ def read_bandwidth(buffer: torch.Tensor) -> float:
     return buffer.numel() * buffer.element_size() / (time.perf_counter() - start)
 
 
-def generate_kwargs(input_ids: torch.Tensor, plan: Plan, compiled: bool) -> dict:
+def generate_kwargs(input_ids: torch.Tensor, plan: Plan, path: str, decoder: ExportedDecoder | None = None) -> dict:
     kwargs = {
         "input_ids": input_ids,
         "attention_mask": torch.ones_like(input_ids),
         "do_sample": False,
         "max_new_tokens": plan.new_tokens,
-        "min_new_tokens": plan.new_tokens,
         "pad_token_id": 0,
     }
-    if compiled:
+    if path == "aot":
+        kwargs["custom_generate"] = decoder
+    elif path == "compile":
         compile_config = CompileConfig(fullgraph=True) if plan.compile_mode is None else CompileConfig(
             fullgraph=True, mode=plan.compile_mode)
         compile_config._compile_all_devices = True  # `generate` compiles only on accelerators unless told to
@@ -229,10 +244,11 @@ def run(plan: Plan, threads: int, llama_python: str | None) -> tuple[list[Varian
     dynamic_context = plan.prompt_tokens + plan.new_tokens / 2  # mean context of the decode steps
     static_context = plan.prompt_tokens + plan.new_tokens  # generate's static cache length: SDPA reads all of it
 
-    variants = [Variant(name, weights, compiled) for name, weights, compiled in AGILLM_VARIANTS]
+    variants = [Variant(name, weights, path) for name, weights, path in AGILLM_VARIANTS]
     for variant in variants:
         variant.bytes_per_step = bytes_per_decode_step(
-            models[variant.weights], static_context if variant.compiled else dynamic_context)
+            models[variant.weights], dynamic_context if variant.path == "eager" else static_context)
+    decoders, first_call_seconds = compile_decoders(models, plan.setup, static_context)
     workers = {}
     if plan.setup == "smollm2" and llama_cpp_available(llama_python):
         from convert.smollm2 import smollm2_gguf_path
@@ -244,11 +260,10 @@ def run(plan: Plan, threads: int, llama_python: str | None) -> tuple[list[Varian
             variant.bytes_per_step = gguf_bytes_per_step(gguf, models["fp32"], dynamic_context)
             variants.append(variant)
 
-    first_call_seconds = {}
     for variant in variants:  # warm-up round: compiles, fills caches; not timed
         start = time.perf_counter()
-        decode_variant(variant, models, workers, prompt, plan, record=True)
-        first_call_seconds[variant.name] = time.perf_counter() - start
+        decode_variant(variant, models, decoders, workers, prompt, plan, record=True)
+        first_call_seconds[variant.name] = first_call_seconds.get(variant.name, 0.0) + time.perf_counter() - start
         print(f"[warm-up] {variant.name}: {first_call_seconds[variant.name]:.1f} s", flush=True)
 
     buffer = torch.ones(BANDWIDTH_ARRAY_BYTES // 4)
@@ -259,7 +274,7 @@ def run(plan: Plan, threads: int, llama_python: str | None) -> tuple[list[Varian
         for weights, speeds in matmul_floor.items():
             speeds.append(statistics.median(matmuls_alone(models[weights]) for _ in range(5)))
         for variant in variants:
-            decode_variant(variant, models, workers, prompt, plan)
+            decode_variant(variant, models, decoders, workers, prompt, plan)
         print(f"[round {round_index + 1}/{plan.repeats}] bandwidth {bandwidths[-1] / 1e9:.1f} GB/s; "
               + ", ".join(f"{v.name} {v.tokens_per_second[-1]:.1f}" for v in variants), flush=True)
     for worker in workers.values():
@@ -267,11 +282,25 @@ def run(plan: Plan, threads: int, llama_python: str | None) -> tuple[list[Varian
     return variants, bandwidths, first_call_seconds, matmul_floor
 
 
-def decode_variant(variant: Variant, models, workers, prompt, plan: Plan, record: bool = False) -> None:
+def compile_decoders(models, setup_name: str, max_cache_len: int) -> tuple[dict, dict]:
+    """An `ExportedDecoder` per weight format that has an AOTInductor row, and the seconds each took to compile."""
+    decoders, seconds = {}, {}
+    for name, weights, path in AGILLM_VARIANTS:
+        if path == "aot":
+            start = time.perf_counter()
+            decoders[weights] = ExportedDecoder.compile(
+                models[weights], max_cache_len, AOT_DIR / f"{setup_name}-{weights}.pt2")
+            seconds[name] = time.perf_counter() - start
+            print(f"[compile] {name}: {seconds[name]:.1f} s", flush=True)
+    return decoders, seconds
+
+
+def decode_variant(variant: Variant, models, decoders, workers, prompt, plan: Plan, record: bool = False) -> None:
     if variant.llama_format is not None:
         speed, tokens = workers[variant.llama_format].decode(prompt[0].tolist(), plan.new_tokens)
     else:
-        speed, tokens = decode_once(models[variant.weights], generate_kwargs(prompt, plan, variant.compiled))
+        kwargs = generate_kwargs(prompt, plan, variant.path, decoders.get(variant.weights))
+        speed, tokens = decode_once(models[variant.weights], kwargs)
     if record:
         variant.greedy = tokens
     else:
@@ -374,6 +403,11 @@ def markdown_report(rows, bandwidths, first_calls, plan: Plan, machine: dict, qu
         + ("" if plan.compile_mode is None else f", mode={plan.compile_mode!r}")
         + "))` with `_compile_all_devices = True` (inductor, CPU). First calls (compilation): "
         + ", ".join(f"{name} {s:.0f} s" for name, s in first_calls.items() if "compile" in name) + ".",
+        "- AOTInductor: `ExportedDecoder.compile(model, max_cache_len=prompt + new tokens)` (`torch.export` of "
+        "transformers' static-cache export recipe, compiled by AOTInductor into a .pt2 package), then "
+        "`generate(custom_generate=decoder)`: the same processors, stopping criteria and greedy choice as `generate`, "
+        "every forward one call into the compiled library. Export + compile + first call: "
+        + ", ".join(f"{name} {s:.0f} s" for name, s in first_calls.items() if "AOT" in name) + ".",
         "- roofline = read bandwidth / bytes per decode step (weights in the format used, the embedding as one row "
         "when the head has its own matrix, KV cache). fp32 and bf16 models keep the head tied to the embedding, so "
         "their head reads the embedding matrix. `torch.sum` does not reach the machine's peak read bandwidth "
@@ -403,9 +437,10 @@ def matmul_floor_rows(matmul_floor: dict, variants: list[Variant]) -> list[dict]
     llama = {variant.weights: variant for variant in variants if variant.llama_format}
     rows = []
     for weights, speeds in matmul_floor.items():
-        compiled = by_name[f"{weights} static + compile"]
+        compiled, aot = by_name[f"{weights} static + compile"], by_name[f"{weights} AOTInductor"]
         row = {"weights": weights, "matmuls_alone_steps_per_second": statistics.median(speeds),
-               "compiled_tokens_per_second": statistics.median(compiled.tokens_per_second)}  # fmt: skip
+               "compiled_tokens_per_second": statistics.median(compiled.tokens_per_second),
+               "aot_tokens_per_second": statistics.median(aot.tokens_per_second)}  # fmt: skip
         if weights in llama:
             row["llama_cpp_format"] = llama[weights].llama_format
             row["llama_cpp_tokens_per_second"] = statistics.median(llama[weights].tokens_per_second)
@@ -416,14 +451,15 @@ def matmul_floor_rows(matmul_floor: dict, variants: list[Variant]) -> list[dict]
 def matmul_floor_report(rows: list[dict]) -> str:
     lines = ["", "What the torch kernels allow: the packed-int matmuls of one decode step alone (every quantized "
              "linear once, in model order, on one bf16 row; `matmuls_alone`), median over the rounds, next to the "
-             "whole compiled step and llama.cpp's whole step at the same precision:", "",
-             "| weights | matmuls alone (steps/s) | whole step, static + compile (tok/s) | llama.cpp whole step (tok/s) |",
-             "| --- | ---: | ---: | ---: |"]
+             "whole compiled steps and llama.cpp's whole step at the same precision:", "",
+             "| weights | matmuls alone (steps/s) | whole step, static + compile (tok/s) | whole step, AOTInductor (tok/s) "
+             "| llama.cpp whole step (tok/s) |",
+             "| --- | ---: | ---: | ---: | ---: |"]
     for row in rows:
         llama = (f"{row['llama_cpp_tokens_per_second']:.1f} ({row['llama_cpp_format']})"
                  if "llama_cpp_tokens_per_second" in row else "")
         lines.append(f"| {row['weights']} | {row['matmuls_alone_steps_per_second']:.1f} | "
-                     f"{row['compiled_tokens_per_second']:.1f} | {llama} |")
+                     f"{row['compiled_tokens_per_second']:.1f} | {row['aot_tokens_per_second']:.1f} | {llama} |")
     return "\n".join(lines) + "\n"
 
 

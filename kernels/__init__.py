@@ -12,13 +12,14 @@
 | decode attention straight from an int8/int4 KV cache | `attn_implementation="agillm_qkv"` + `QuantizedKVCache` | `AttentionInterface` + `AttentionMaskInterface`, `Cache` | `quantized_kv.py`, `triton_quantized_kv.py` |
 | MoE experts: sorted tokens, grouped GEMMs, fused epilogues | `experts_implementation="agillm_grouped"` | `ExpertsInterface` | `moe.py`, `triton_moe.py` |
 | weight-only int8 / int4 linears for CPU decode | `quantization_config=AgillmWeightOnlyConfig(bits=8)` | transformers' quantizer registry | `quantized_linear.py` |
+| ahead-of-time compiled decode (torch.export + AOTInductor, static KV cache inside) | `generate(custom_generate=ExportedDecoder.compile(model, ...))` | `generate`'s `custom_generate` loop | `exported_decoder.py` |
 | fused RMSNorm (torch.compile) | on for every model loaded after `enable()` | module patch mapping | `rms_norm.py` |
 
 (The chunked linear cross-entropy is part of the model itself, `losses_agillm.py`, behind
 `config.cross_entropy_chunk_size`: training must not depend on an optional package.)
 
 Each kernel has a plain-PyTorch reference it is tested against (`tests/test_kernels.py`, `test_attention_kernels.py`,
-`test_quantized_kv.py`, `test_moe_kernels.py`, `test_cpu_decode.py`; the Triton kernels run there in triton's CPU
+`test_quantized_kv.py`, `test_moe_kernels.py`, `test_cpu_decode.py`, `test_exported_decoder.py`; the Triton kernels run there in triton's CPU
 interpreter, `TRITON_INTERPRET=1`, in a subprocess). A saved AGILLM folder never imports this package.
 (transformers' hub-kernel path needs a `kernels` release the registry does not carry and has no CPU support, so the
 RMSNorm goes through `transformers.monkey_patching.register_patch_mapping`, which swaps classes of modules named
@@ -43,6 +44,7 @@ LAZY_EXPORTS = {
     "QuantizedKVCache": "quantized_kv",
     "quantize_weights": "quantized_linear",
     "AgillmWeightOnlyConfig": "quantized_linear",
+    "ExportedDecoder": "exported_decoder",
 }
 
 
