@@ -4,7 +4,8 @@ Data flow (top to bottom of this file):
     token ids -> embed_tokens -> N x AgillmDecoderLayer(pre-norm attention, pre-norm MLP or MoE) -> norm -> heads
 
 A layer's attention is `AgillmAttention` (MHA/GQA/MQA, optionally reusing an earlier layer's K/V) or
-`AgillmMLAttention` (DeepSeek's latent attention); its MLP is dense or an `AgillmSparseMoeBlock` (router + experts).
+`AgillmMLAttention` (DeepSeek's latent attention), in `attention_agillm.py`; its MLP is dense (`AgillmMLP`,
+`layers_agillm.py`, with the norms, RoPE and ALiBi) or an `AgillmSparseMoeBlock` (router + experts, `moe_agillm.py`).
 `AgillmForCausalLM` adds the heads (AR, SAT, NAT) and, after the last decoder layer, DeepSeek-V3-style MTP modules.
 
 Multimodal configs add towers to the trunk (`vision_tower` ViT, `audio_tower` log-mel conv + encoder, each with a
@@ -17,8 +18,6 @@ Attention goes through transformers' `ALL_ATTENTION_FUNCTIONS` (eager / sdpa / f
 KV cache is a transformers `Cache` whose per-layer kind follows `config.layer_types`. Only sibling files imported
 as `from .x import y` travel with a saved model, so this file depends on nothing from this repo but its siblings.
 """
-
-from collections.abc import Callable
 
 import math
 import os
@@ -40,7 +39,6 @@ from transformers.generation import (
     PrefixConstrainedLogitsProcessor,
     SuppressTokensLogitsProcessor,
 )
-from transformers.integrations import use_experts_implementation, use_kernel_forward_from_hub, use_kernelized_func
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS,
     create_bidirectional_mask,
@@ -55,8 +53,7 @@ from transformers.modeling_layers import (
     GradientCheckpointingLayer,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
@@ -64,16 +61,38 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 
 try:  # a saved model folder (remote code): sibling modules of the same package
+    from .attention_agillm import AgillmAttention, AgillmMLAttention, attend, attention_function_declares
     from .configuration_agillm import AgillmAudioConfig, AgillmConfig, AgillmVisionConfig
     from .diffusion_blocks_agillm import DiffusionBlocksState, diffusion_blocks_training_step, diffusion_euler_generate
     from .generation_agillm import GENERATION_MODES, agillm_generate
+    from .layers_agillm import AgillmMLP, AgillmRotaryEmbedding, add_bias_to_mask, alibi_bias, alibi_slopes, build_norm
     from .losses_agillm import head_cross_entropy
+    from .moe_agillm import (
+        AgillmExperts,
+        AgillmPlainExperts,
+        AgillmRouter,
+        AgillmSparseMoeBlock,
+        DocumentRouting,
+        ROUTER_CLASSES,
+        router_losses,
+    )
     from .vqvae_agillm import AgillmVQVAE
 except ImportError:  # this repository, imported as top-level modules
+    from attention_agillm import AgillmAttention, AgillmMLAttention, attend, attention_function_declares
     from configuration_agillm import AgillmAudioConfig, AgillmConfig, AgillmVisionConfig
     from diffusion_blocks_agillm import DiffusionBlocksState, diffusion_blocks_training_step, diffusion_euler_generate
     from generation_agillm import GENERATION_MODES, agillm_generate
+    from layers_agillm import AgillmMLP, AgillmRotaryEmbedding, add_bias_to_mask, alibi_bias, alibi_slopes, build_norm
     from losses_agillm import head_cross_entropy
+    from moe_agillm import (
+        AgillmExperts,
+        AgillmPlainExperts,
+        AgillmRouter,
+        AgillmSparseMoeBlock,
+        DocumentRouting,
+        ROUTER_CLASSES,
+        router_losses,
+    )
     from vqvae_agillm import AgillmVQVAE
 
 
@@ -89,678 +108,6 @@ MASK_BUILDERS = {
 
 # The attention pattern each head is trained and decoded with (see `AgillmModel.attention_masks`).
 OBJECTIVES = ("ar", "sat", "nat")
-
-
-# --------------------------------------------------------------------------------------------------- norms
-
-
-@use_kernel_forward_from_hub("RMSNorm")
-class AgillmRMSNorm(nn.Module):
-    """RMSNorm computed in fp32 (as Llama), scaled by a learned weight."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
-
-    def extra_repr(self):
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
-
-
-class AgillmLayerNorm(nn.LayerNorm):
-    """LayerNorm with weight and bias (`norm_type="layer_norm"`); a named subclass so patch mappings can target it."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
-        super().__init__(hidden_size, eps=eps)
-
-
-def build_norm(config: AgillmConfig, dim: int) -> nn.Module:
-    if config.norm_type == "layer_norm":
-        return AgillmLayerNorm(dim, eps=config.rms_norm_eps)
-    return AgillmRMSNorm(dim, eps=config.rms_norm_eps)
-
-
-# --------------------------------------------------------------------------------------------------- rotary
-
-
-class AgillmRotaryEmbedding(nn.Module):
-    """cos/sin tables for RoPE of any transformers `rope_type` (default, linear, dynamic, yarn, llama3, ...)."""
-
-    inv_freq: torch.Tensor
-
-    def __init__(self, config: AgillmConfig):
-        super().__init__()
-        self.max_seq_len_cached = config.max_position_embeddings
-        self.original_max_seq_len = config.max_position_embeddings
-        self.config = config
-        self.rope_type = config.rope_parameters["rope_type"]
-        rope_init_fn: Callable = self.compute_default_rope_parameters
-        if self.rope_type != "default":
-            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
-        inv_freq, self.attention_scaling = rope_init_fn(config)
-        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
-        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
-
-    @staticmethod
-    def compute_default_rope_parameters(config: AgillmConfig, **kwargs) -> tuple[torch.Tensor, float]:
-        """Original RoPE: inverse frequencies `theta^(-2i/d)` over the head dim; no attention scaling."""
-        base = config.rope_parameters["rope_theta"]
-        dim = config.head_dim
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        return inv_freq, 1.0
-
-    @torch.no_grad()
-    @dynamic_rope_update  # grows the table for rope_type="dynamic"; a no-op for the other types
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos() * self.attention_scaling
-        sin = emb.sin() * self.attention_scaling
-        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-@use_kernel_forward_from_hub("rotary_pos_emb")
-def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
-    """Rotate q and k `[batch, heads, seq, head_dim]` by the position tables cos/sin `[batch, seq, head_dim]`."""
-    cos = cos.unsqueeze(unsqueeze_dim)
-    sin = sin.unsqueeze(unsqueeze_dim)
-    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
-
-
-# --------------------------------------------------------------------------------------------------- ALiBi
-
-
-def alibi_slopes(num_heads: int) -> torch.Tensor:
-    """Per-head ALiBi slopes, computed in double precision and stored as float32 (as AGILLM 4.x does).
-
-    Power-of-two head counts get `start**(h+1)` with `start = 2**(-8/H)`; otherwise the first `c = 2**floor(log2 H)`
-    slopes of that rule, then every other slope of the rule for `2c` heads (the ALiBi paper's recipe).
-    """
-
-    def power_of_two_slopes(n: int) -> list[float]:
-        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
-        return [start ** (i + 1) for i in range(n)]
-
-    if math.log2(num_heads).is_integer():
-        slopes = power_of_two_slopes(num_heads)
-    else:
-        closest = 2 ** math.floor(math.log2(num_heads))
-        slopes = power_of_two_slopes(closest) + power_of_two_slopes(2 * closest)[0::2][: num_heads - closest]
-    return torch.tensor(slopes, dtype=torch.float32)
-
-
-def alibi_bias(
-    slopes: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor, kind: str
-) -> torch.Tensor:
-    """Additive attention bias `[batch, heads, q_len, kv_len]` from absolute positions `[batch, q]`, `[batch, kv]`.
-
-    `alibi`: `-m_h * |i - j|` (the standard penalty; under a causal mask it is the paper's `-m_h * (i - j)`).
-    `agillm_alibi`: `-m_h * max(j - i, 0)`, AGILLM 4.x's clamp, which penalises only keys after the query.
-    """
-    distance = key_positions[:, None, None, :] - query_positions[:, None, :, None]
-    distance = distance.abs() if kind == "alibi" else distance.clamp(min=0)
-    return -slopes.to(distance.device)[None, :, None, None] * distance.to(torch.float32)
-
-
-def add_bias_to_mask(mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
-    """Fold an additive bias into a transformers mask (None, boolean "may attend", or additive float)."""
-    if mask is None:
-        return bias
-    if mask.dtype == torch.bool:
-        return bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
-    return mask + bias
-
-
-# --------------------------------------------------------------------------------------------------- MLP
-
-
-class AgillmMLP(nn.Module):
-    """`mlp_type="gated"`: `down(act(gate(x)) * up(x))` (SwiGLU with silu); `"plain"`: `down(act(up(x)))`."""
-
-    def __init__(self, config: AgillmConfig, intermediate_size: int | None = None):
-        super().__init__()
-        intermediate_size = intermediate_size or config.intermediate_size
-        self.is_gated = config.mlp_type == "gated"
-        if self.is_gated:
-            self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=config.mlp_bias)
-        self.act_fn = ACT2FN[config.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_gated:
-            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(self.act_fn(self.up_proj(x)))
-
-
-# --------------------------------------------------------------------------------------------------- MoE
-
-
-@dataclass
-class DocumentRouting:
-    """Document-level routing state of one forward (`config.router_scope="document"`).
-
-    `document_ids` [batch, seq] numbers each row's documents (-1 = padding). A document's experts are the
-    `experts_per_document` best by its tokens' mean router score. When the tokens continue a cached sequence (decoding),
-    they belong to the cached row's last document and reuse its experts, kept in `chosen` (stored on the cache object).
-    """
-
-    document_ids: torch.Tensor
-    experts_per_document: int
-    continues_cache: bool
-    chosen: dict
-
-    @classmethod
-    def build(cls, config, attention_mask, position_ids, past_key_values, batch_size: int, seq_len: int):
-        positions = position_ids.expand(batch_size, seq_len)
-        # A document starts at the first token and wherever the positions restart (packed sequences).
-        starts = torch.ones_like(positions, dtype=torch.bool)
-        starts[:, 1:] = positions[:, 1:] <= positions[:, :-1]
-        document_ids = starts.long().cumsum(dim=1) - 1
-        if attention_mask is not None and attention_mask.dim() == 2:
-            document_ids = document_ids.masked_fill(attention_mask[:, -seq_len:] == 0, -1)
-        continues_cache = past_key_values is not None and past_key_values.get_seq_length() > 0
-        chosen = {} if past_key_values is None else past_key_values.__dict__.setdefault("agillm_document_experts", {})
-        return cls(document_ids, config.experts_per_document, continues_cache, chosen)
-
-    def allowed_experts(self, layer_idx: int, scores: torch.Tensor) -> torch.Tensor:
-        """`[tokens, experts]` mask of the experts each token may use, from the `[tokens, experts]` router scores."""
-        batch, seq_len = self.document_ids.shape
-        if self.continues_cache:
-            if layer_idx not in self.chosen:
-                raise ValueError("Document routing continues a cache whose prompt was not routed by document.")
-            return self.chosen[layer_idx][:, None, :].expand(batch, seq_len, -1).reshape(batch * seq_len, -1)
-        num_experts = scores.shape[-1]
-        valid = self.document_ids >= 0
-        index = self.document_ids.clamp(min=0)[..., None].expand(batch, seq_len, num_experts)
-        token_scores = scores.detach().view(batch, seq_len, num_experts) * valid[..., None]
-        pooled = torch.zeros_like(token_scores).scatter_add_(1, index, token_scores)  # [batch, documents, experts]
-        top = pooled.topk(self.experts_per_document, dim=-1).indices
-        document_mask = torch.zeros_like(pooled, dtype=torch.bool).scatter_(-1, top, True)
-        allowed = document_mask.gather(1, index)  # padding rows get document 0's experts; their outputs are unused
-        self.chosen[layer_idx] = allowed[:, -1]  # the row's last document, continued by generated tokens
-        return allowed.reshape(batch * seq_len, num_experts)
-
-
-class AgillmRouter(nn.Module):
-    """Scores experts per token and picks `num_experts_per_tok` of them by `config.router_type`.
-
-    Returns the raw router logits, the routing weights and the chosen expert indices.
-    """
-
-    def __init__(self, config: AgillmConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.top_k = config.num_experts_per_tok
-        self.router_type = config.router_type
-        self.norm_topk_prob = config.norm_topk_prob
-        self.n_group, self.topk_group = config.n_group, config.topk_group
-        self.routed_scaling_factor = config.routed_scaling_factor
-        self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
-        # DeepSeek-V3's balancing bias: it steers which experts are chosen, never their weights.
-        has_bias = config.router_type == "sigmoid_group_topk" or config.router_bias_update_rate > 0
-        self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts) if has_bias else None)
-
-    def scores(self, router_logits: torch.Tensor) -> torch.Tensor:
-        """Per-expert affinities: sigmoid for the sigmoid routers, softmax otherwise."""
-        if self.router_type.startswith("sigmoid"):
-            return router_logits.sigmoid()
-        return router_logits.softmax(dim=-1)
-
-    def forward(
-        self, hidden_states: torch.Tensor, document_routing: DocumentRouting | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.router_type == "sigmoid_group_topk":  # DeepSeek-V3 routes from fp32 inputs
-            router_logits = F.linear(hidden_states.float(), self.weight.float())
-        else:
-            router_logits = F.linear(hidden_states, self.weight).float()  # [tokens, experts], routing in fp32
-        scores = self.scores(router_logits)
-        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
-        if document_routing is not None:
-            allowed = document_routing.allowed_experts(self.layer_idx, scores)
-            choice = choice.masked_fill(~allowed, float("-inf"))
-        if self.n_group > 1:
-            choice = self._keep_top_groups(choice)
-        top_choice, top_index = torch.topk(choice, self.top_k, dim=-1)  # ties go to the lower index, as argmax
-        top_scores = top_choice if choice is scores else scores.gather(-1, top_index)  # weights never see the bias
-        top_weights = self._routing_weights(top_scores)
-        return router_logits, top_weights.to(hidden_states.dtype), top_index
-
-    def _keep_top_groups(self, choice: torch.Tensor) -> torch.Tensor:
-        """DeepSeek-V3: score each expert group by its two best experts, keep the `topk_group` best groups."""
-        grouped = choice.view(choice.shape[0], self.n_group, -1)
-        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
-        top_groups = group_scores.topk(self.topk_group, dim=-1).indices
-        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
-        return grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
-
-    def _routing_weights(self, top_scores: torch.Tensor) -> torch.Tensor:
-        if self.router_type == "top1_straight_through":
-            # Forward value exactly 1.0 (x / x), gradient d(p)/p: the expert output is not scaled by p.
-            top_scores = top_scores.clamp(min=1e-6)
-            return top_scores / top_scores.detach()
-        if self.router_type == "sigmoid_top1_scaled_input":  # applied to the expert's input (AgillmSparseMoeBlock)
-            return top_scores
-        if self.norm_topk_prob:
-            denominator = top_scores.sum(dim=-1, keepdim=True)
-            top_scores = top_scores / (denominator + 1e-20 if self.router_type == "sigmoid_group_topk" else denominator)
-        return top_scores * self.routed_scaling_factor if self.routed_scaling_factor != 1.0 else top_scores
-
-    @torch.no_grad()
-    def update_bias(self, top_index: torch.Tensor, rate: float) -> None:
-        """DeepSeek-V3's auxiliary-loss-free balancing step: raise the bias of under-loaded experts, lower the rest."""
-        load = torch.bincount(top_index.flatten(), minlength=self.weight.shape[0]).float()
-        self.e_score_correction_bias += rate * torch.sign(load.mean() - load)
-
-
-def _experts_forward(experts: nn.Module, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
-    """Eager experts: for each expert that received tokens, run them as one batch and add the weighted result."""
-    final_hidden_states = torch.zeros_like(hidden_states)
-    with torch.no_grad():
-        expert_mask = F.one_hot(top_k_index, num_classes=experts.num_experts).permute(2, 1, 0)  # [E, k, tokens]
-        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-    for expert_idx in expert_hit:
-        expert_idx = expert_idx[0]
-        top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
-        current_hidden_states = experts.expert_hidden(hidden_states[token_idx], expert_idx)
-        down_bias = experts.down_proj_bias[expert_idx] if experts.has_bias else None
-        current_hidden_states = F.linear(current_hidden_states, experts.down_proj[expert_idx], down_bias)
-        current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
-        final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
-    return final_hidden_states
-
-
-def _expert_params(module: nn.Module, name: str, num_experts: int, in_features: int, out_features: int, bias: bool):
-    module.register_parameter(name, nn.Parameter(torch.empty(num_experts, out_features, in_features)))
-    if bias:
-        module.register_parameter(f"{name}_bias", nn.Parameter(torch.zeros(num_experts, out_features)))
-
-
-@use_experts_implementation(has_gate=True, has_bias=False)
-class AgillmExperts(nn.Module):
-    """Gated experts as 3-D parameters (`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]), as Qwen3-MoE."""
-
-    def __init__(self, config: AgillmConfig):
-        super().__init__()
-        self.num_experts = config.num_experts
-        hidden, intermediate = config.hidden_size, config.moe_intermediate_size
-        _expert_params(self, "gate_up_proj", self.num_experts, hidden, 2 * intermediate, bias=False)
-        _expert_params(self, "down_proj", self.num_experts, intermediate, hidden, bias=False)
-        self.act_fn = ACT2FN[config.hidden_act]
-
-    def expert_hidden(self, hidden_states: torch.Tensor, expert_idx) -> torch.Tensor:
-        bias = self.gate_up_proj_bias[expert_idx] if self.has_bias else None
-        gate, up = F.linear(hidden_states, self.gate_up_proj[expert_idx], bias).chunk(2, dim=-1)
-        return self.act_fn(gate) * up
-
-    def forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
-        return _experts_forward(self, hidden_states, top_k_index, top_k_weights)
-
-
-@use_experts_implementation(has_gate=False, has_bias=True)
-class AgillmPlainExperts(nn.Module):
-    """Plain experts with biases (`up_proj` [E, I, H], `down_proj` [E, H, I]): AGILLM 4.x's ReLU experts."""
-
-    def __init__(self, config: AgillmConfig):
-        super().__init__()
-        self.num_experts = config.num_experts
-        hidden, intermediate = config.hidden_size, config.moe_intermediate_size
-        _expert_params(self, "up_proj", self.num_experts, hidden, intermediate, bias=True)
-        _expert_params(self, "down_proj", self.num_experts, intermediate, hidden, bias=True)
-        self.act_fn = ACT2FN[config.hidden_act]
-
-    def expert_hidden(self, hidden_states: torch.Tensor, expert_idx) -> torch.Tensor:
-        bias = self.up_proj_bias[expert_idx] if self.has_bias else None
-        return self.act_fn(F.linear(hidden_states, self.up_proj[expert_idx], bias))
-
-    def forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
-        return _experts_forward(self, hidden_states, top_k_index, top_k_weights)
-
-
-class AgillmSparseMoeBlock(nn.Module):
-    """Routed experts plus an optional shared expert (always on; gated per token when `shared_expert_gate`)."""
-
-    def __init__(self, config: AgillmConfig, layer_idx: int):
-        super().__init__()
-        self.gate = AgillmRouter(config, layer_idx)
-        self.experts = AgillmExperts(config) if config.mlp_type == "gated" else AgillmPlainExperts(config)
-        self.scales_input = config.router_type == "sigmoid_top1_scaled_input"
-        self.shared_expert = None
-        if config.shared_expert_intermediate_size:
-            self.shared_expert = AgillmMLP(config, config.shared_expert_intermediate_size)
-        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
-
-    def forward(self, hidden_states: torch.Tensor, document_routing: DocumentRouting | None = None) -> torch.Tensor:
-        batch, seq_len, hidden = hidden_states.shape
-        flat = hidden_states.reshape(-1, hidden)
-        _, top_k_weights, top_k_index = self.gate(flat, document_routing)
-        if self.scales_input:  # Llama 4: the expert sees its input scaled by the router score; its output is not
-            output = self.experts(flat * top_k_weights, top_k_index, torch.ones_like(top_k_weights))
-        else:
-            output = self.experts(flat, top_k_index, top_k_weights)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(flat)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
-            output = output + shared
-        return output.reshape(batch, seq_len, hidden)
-
-
-# --------------------------------------------------------------------------------------------------- attention
-
-
-def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """Expand `[B, H_kv, S, D]` to `[B, H_kv * n_rep, S, D]` so GQA/MQA keys line up with the query heads."""
-    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
-    if n_rep == 1:
-        return hidden_states
-    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
-    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs: Unpack[TransformersKwargs],
-):
-    """Reference attention in plain PyTorch; the other backends are checked against it."""
-    key_states = repeat_kv(key, module.num_key_value_groups)
-    value_states = repeat_kv(value, module.num_key_value_groups)
-    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()
-    return attn_output, attn_weights
-
-
-def attention_function_declares(config, capability: str) -> bool:
-    """Whether the selected attention function declares `capability` as a truthy attribute of itself.
-
-    Registered kernels (e.g. `kernels/attention.py`) say what they do themselves: `computes_alibi` (takes ALiBi as
-    `alibi_slopes` / `alibi_query_positions` / `alibi_key_positions` / `alibi_kind` kwargs instead of a dense bias
-    folded into the mask) and `supports_block_masks` (any boolean mask pattern: SAT/NAT blocks, bidirectional).
-    """
-    return bool(getattr(ALL_ATTENTION_FUNCTIONS.get(config._attn_implementation), capability, False))
-
-
-def attend(module: nn.Module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the configured backend (`config._attn_implementation`) with the module's scale, dropout and window."""
-    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-        module.config._attn_implementation, eager_attention_forward
-    )
-    return attention_interface(
-        module,
-        query,
-        key,
-        value,
-        attention_mask,
-        dropout=0.0 if not module.training else module.attention_dropout,
-        scaling=module.scaling,
-        sliding_window=module.sliding_window,
-        **kwargs,
-    )
-
-
-def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Llama 4's query/key norm: RMS normalisation without a weight, computed in fp32."""
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
-
-
-def nope_temperature(position_ids: torch.Tensor, floor_scale: int, attn_scale: float) -> torch.Tensor:
-    """Llama 4's query scale on NoPE layers, `[batch, seq]`: grows with log(position) so long contexts stay sharp."""
-    return torch.log1p(torch.floor((position_ids.float() + 1.0) / floor_scale)) * attn_scale + 1.0
-
-
-def _stores_shared_kv(config: AgillmConfig, layer_idx: int) -> bool:
-    """Whether a later layer reads this layer's keys and values (`config.kv_source_layers`)."""
-    return layer_idx < config.num_hidden_layers and config.kv_source_layers.count(layer_idx) > 1
-
-
-@use_kernelized_func(apply_rotary_pos_emb)
-class AgillmAttention(nn.Module):
-    """MHA/GQA/MQA self-attention with optional QK-norm, RoPE (unless a NoPE layer), a per-layer window, and
-    cross-layer KV sharing (a sharing layer attends over an earlier layer's keys and values)."""
-
-    def __init__(self, config: AgillmConfig, layer_idx: int):
-        super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        self.layer_type = config.layer_type_at(layer_idx)
-        self.head_dim = config.head_dim
-        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
-        self.scaling = self.head_dim**-0.5
-        self.attention_dropout = config.attention_dropout
-        self.is_causal = True  # read by the sdpa/flash backends when no mask is given; masks carry SAT/NAT patterns
-        self.use_rope = config.uses_rope and layer_idx not in config.nope_layers
-        self.tie_kv = config.tie_kv
-        self.qk_norm = config.qk_norm_type if config.use_qk_norm else None
-        self.tunes_temperature = config.attn_temperature_tuning and not self.use_rope
-        self.kv_source = config.kv_source_of(layer_idx)
-        self.is_kv_shared = self.kv_source != layer_idx
-        self.stores_shared_kv = _stores_shared_kv(config, layer_idx)
-        # Flash attention reads the window from here; the other backends get it through the sliding mask.
-        self.sliding_window = config.sliding_window if self.layer_type == "sliding_attention" else None
-
-        q_width = config.num_attention_heads * self.head_dim
-        kv_width = config.num_key_value_heads * self.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, q_width, bias=config.attention_bias)
-        if not self.is_kv_shared:
-            self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
-            if not config.tie_kv:  # with tie_kv the key projection also gives the values
-                self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_width, config.hidden_size, bias=config.attention_output_bias)
-        if self.qk_norm == "learned":  # per head, over head_dim, before RoPE (Qwen3)
-            self.q_norm = build_norm(config, self.head_dim)
-            if not self.is_kv_shared:
-                self.k_norm = build_norm(config, self.head_dim)
-
-    def _apply_positions(self, query_states, key_states, position_embeddings, position_ids):
-        """RoPE (then Llama 4's weightless QK-norm), or on NoPE layers Llama 4's temperature; no keys when sharing."""
-        if self.use_rope:
-            cos, sin = position_embeddings
-            if key_states is None:
-                query_states = query_states * cos.unsqueeze(1) + rotate_half(query_states) * sin.unsqueeze(1)
-            else:
-                query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-            if self.qk_norm == "unweighted_post_rope":  # after RoPE, on RoPE layers only
-                eps = self.config.rms_norm_eps
-                query_states = unweighted_rms_norm(query_states, eps)
-                key_states = None if key_states is None else unweighted_rms_norm(key_states, eps)
-        if self.tunes_temperature:
-            scale = nope_temperature(position_ids, self.config.floor_scale, self.config.attn_scale)
-            query_states = (query_states * scale[:, None, :, None]).to(query_states.dtype)
-        return query_states, key_states
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
-        position_ids: torch.LongTensor | None = None,
-        shared_kv_states: dict | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-
-        query_states = self.q_proj(hidden_states).view(hidden_shape)
-        if self.qk_norm == "learned":
-            query_states = self.q_norm(query_states)
-        query_states = query_states.transpose(1, 2)
-
-        if self.is_kv_shared:  # the source layer ran earlier in this forward and left its full (cached) K/V here
-            query_states, _ = self._apply_positions(query_states, None, position_embeddings, position_ids)
-            key_states, value_states = shared_kv_states[self.kv_source]
-        else:
-            key_states = self.k_proj(hidden_states).view(hidden_shape)
-            # tie_kv: values are the key projection itself (before QK-norm and RoPE, which only shape the scores).
-            value_states = key_states if self.tie_kv else self.v_proj(hidden_states).view(hidden_shape)
-            value_states = value_states.transpose(1, 2)
-            if self.qk_norm == "learned":
-                key_states = self.k_norm(key_states)
-            query_states, key_states = self._apply_positions(
-                query_states, key_states.transpose(1, 2), position_embeddings, position_ids
-            )
-            if past_key_values is not None:
-                key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
-            if self.stores_shared_kv:
-                shared_kv_states[self.layer_idx] = key_states, value_states
-
-        attn_output, attn_weights = attend(self, query_states, key_states, value_states, attention_mask, **kwargs)
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
-
-
-# DeepSeek-V2/V3 fix the epsilon of the latent norms, whatever `rms_norm_eps` is.
-MLA_LATENT_NORM_EPS = 1e-6
-
-
-def mla_attention_scale(config: AgillmConfig) -> float:
-    """`(nope + rope) ** -0.5`, times DeepSeek's YaRN correction `mscale**2` when `mscale_all_dim` is set."""
-    scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
-    rope = config.rope_parameters
-    if rope.get("rope_type", "default") != "default" and rope.get("mscale_all_dim"):
-        mscale = 0.1 * rope["mscale_all_dim"] * math.log(rope["factor"]) + 1.0 if rope["factor"] > 1 else 1.0
-        scale = scale * mscale * mscale
-    return scale
-
-
-class AgillmMLAttention(nn.Module):
-    """Multi-head latent attention (DeepSeek-V2/V3).
-
-    Keys and values come from one compressed latent `c` (`kv_lora_rank` wide, normed) per token plus one rotary key
-    part shared by all heads; the cache stores exactly those two. Attention either expands the cached latents to
-    per-head keys/values (`kv_b_proj`), or, when decoding against a cache (`mla_absorbed_decode`), absorbs
-    `kv_b_proj` into the query and the output: `q_nope . (W_uk c) = (W_uk^T q_nope) . c`, so all heads attend over
-    the latents directly (multi-query attention with one `kv_lora_rank + rope`-wide head) and `W_uv` is applied once
-    to the attended latent. The two paths are the same function; the absorbed one never materialises per-head K/V.
-    """
-
-    def __init__(self, config: AgillmConfig, layer_idx: int):
-        super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        self.layer_type = config.layer_type_at(layer_idx)
-        self.num_heads = config.num_attention_heads
-        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
-        self.v_head_dim, self.kv_lora_rank = config.v_head_dim, config.kv_lora_rank
-        self.qk_head_dim = self.nope_dim + self.rope_dim
-        self.num_key_value_groups = 1  # set per call: 1 for expanded K/V, num_heads for the shared latent head
-        self.scaling = mla_attention_scale(config)
-        self.attention_dropout = config.attention_dropout
-        self.is_causal = True
-        self.use_rope = config.uses_rope and layer_idx not in config.nope_layers
-        self.kv_source = config.kv_source_of(layer_idx)
-        self.is_kv_shared = self.kv_source != layer_idx  # reuses the source's cached latent, with its own kv_b_proj
-        self.stores_shared_kv = _stores_shared_kv(config, layer_idx)
-        self.sliding_window = config.sliding_window if self.layer_type == "sliding_attention" else None
-
-        hidden, heads = config.hidden_size, self.num_heads
-        if config.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden, heads * self.qk_head_dim, bias=False)
-        else:
-            self.q_a_proj = nn.Linear(hidden, config.q_lora_rank, bias=config.attention_bias)
-            self.q_a_layernorm = AgillmRMSNorm(config.q_lora_rank, eps=MLA_LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(config.q_lora_rank, heads * self.qk_head_dim, bias=False)
-        if not self.is_kv_shared:
-            self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=config.attention_bias)
-            self.kv_a_layernorm = AgillmRMSNorm(self.kv_lora_rank, eps=MLA_LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, heads * (self.nope_dim + self.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(heads * self.v_head_dim, hidden, bias=config.attention_output_bias)
-
-    def _rotate(self, x: torch.Tensor, position_embeddings) -> torch.Tensor:
-        if not self.use_rope:
-            return x
-        cos, sin = position_embeddings
-        return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
-
-    def _latents(self, hidden_states, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached pair: normed latent `[B, 1, S, kv_lora_rank]` and rotated shared key `[B, 1, S, rope]`."""
-        batch, seq_len = hidden_states.shape[:2]
-        latent, key_rot = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent).view(batch, 1, seq_len, self.kv_lora_rank)
-        key_rot = self._rotate(key_rot.view(batch, 1, seq_len, self.rope_dim), position_embeddings)
-        return latent, key_rot
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
-        shared_kv_states: dict | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batch, seq_len = hidden_states.shape[:2]
-        if self.config.q_lora_rank is None:
-            query = self.q_proj(hidden_states)
-        else:
-            query = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
-        query = query.view(batch, seq_len, self.num_heads, self.qk_head_dim).transpose(1, 2)
-        query_nope, query_rot = query.split([self.nope_dim, self.rope_dim], dim=-1)
-        query_rot = self._rotate(query_rot, position_embeddings)
-
-        if self.is_kv_shared:
-            latent, key_rot = shared_kv_states[self.kv_source]
-        else:
-            latent, key_rot = self._latents(hidden_states, position_embeddings)
-            if past_key_values is not None:
-                latent, key_rot = past_key_values.update(latent, key_rot, self.layer_idx)
-            if self.stores_shared_kv:
-                shared_kv_states[self.layer_idx] = latent, key_rot
-
-        decoding = past_key_values is not None and latent.shape[2] > seq_len
-        if decoding and self.config.mla_absorbed_decode and not self.training:
-            attn_output, attn_weights = self._absorbed(query_nope, query_rot, latent, key_rot, attention_mask, **kwargs)
-        else:
-            attn_output, attn_weights = self._expanded(query_nope, query_rot, latent, key_rot, attention_mask, **kwargs)
-        return self.o_proj(attn_output.reshape(batch, seq_len, -1).contiguous()), attn_weights
-
-    def _attend(self, query, key, value, attention_mask, num_key_value_groups: int, **kwargs):
-        self.num_key_value_groups = num_key_value_groups  # read by the attention backends to repeat K/V heads
-        return attend(self, query, key, value, attention_mask, **kwargs)
-
-    def _expanded(self, query_nope, query_rot, latent, key_rot, attention_mask, **kwargs):
-        """Per-head keys `[k_nope ; k_rot]` and values from every cached latent (training and prefill)."""
-        batch, _, kv_len, _ = latent.shape
-        key_value = self.kv_b_proj(latent.squeeze(1)).view(batch, kv_len, self.num_heads, -1).transpose(1, 2)
-        key_nope, value = key_value.split([self.nope_dim, self.v_head_dim], dim=-1)
-        key = torch.cat([key_nope, key_rot.expand(-1, self.num_heads, -1, -1)], dim=-1)
-        query = torch.cat([query_nope, query_rot], dim=-1)
-        return self._attend(query, key, value, attention_mask, num_key_value_groups=1, **kwargs)
-
-    def _absorbed(self, query_nope, query_rot, latent, key_rot, attention_mask, **kwargs):
-        """Attend in the latent space: one shared `[c ; k_rot]` key head and `c` value head for all query heads."""
-        weight = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_head_dim, self.kv_lora_rank)
-        up_key, up_value = weight.split([self.nope_dim, self.v_head_dim], dim=1)
-        query_latent = torch.einsum("bhsn,hnr->bhsr", query_nope, up_key)
-        query = torch.cat([query_latent, query_rot], dim=-1)
-        key = torch.cat([latent, key_rot], dim=-1)
-        latent_output, attn_weights = self._attend(
-            query, key, latent, attention_mask, num_key_value_groups=self.num_heads, **kwargs
-        )  # [B, S, heads, kv_lora_rank]
-        return torch.einsum("bshr,hvr->bshv", latent_output, up_value), attn_weights
 
 
 # --------------------------------------------------------------------------------------------------- layers
@@ -855,6 +202,17 @@ class AgillmPreTrainedModel(PreTrainedModel):
         "router_logits": OutputRecorder(AgillmRouter, index=0),
         "router_indices": OutputRecorder(AgillmRouter, index=2),  # the chosen experts, for the balancing losses
     }
+
+    # transformers decides whether `set_attn_implementation` / `set_experts_implementation` may switch a model by
+    # reading the model class's own file for `ALL_ATTENTION_FUNCTIONS.get_interface(` / `@use_experts_implementation`.
+    # AGILLM's attention and experts use both, from their own files (attention_agillm.py, moe_agillm.py).
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        return True
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, **kwargs):
         """transformers' `save_pretrained`, shipping AGILLM's code and `auto_map` even when an engine re-classed us.
@@ -1209,8 +567,8 @@ class AgillmModel(AgillmPreTrainedModel):
         self.layers = nn.ModuleList(
             [AgillmDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
-        if "sparse" in config.mlp_layer_types and (
-            config.router_type == "sigmoid_group_topk" or config.router_bias_update_rate > 0
+        if "sparse" in config.mlp_layer_types and ROUTER_CLASSES[config.router_type].has_balancing_bias(
+            config
         ):  # DeepSeek-V3's balancing bias decides expert choices by small margins: fp32 in any dtype, as transformers
             self._keep_in_fp32_modules_strict = ["e_score_correction_bias"]
         if config.num_mtp_layers:  # only AgillmForCausalLM builds (and trains) the MTP modules; elsewhere they are unused
@@ -1627,44 +985,6 @@ class AgillmCausalLMOutputWithPast(CausalLMOutputWithPast):
     aux_loss: torch.FloatTensor | None = None
 
 
-def router_losses(
-    router_logits: tuple[torch.Tensor, ...],
-    router_indices: tuple[torch.Tensor, ...],
-    num_experts: int,
-    sigmoid_scores: bool,
-    attention_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load-balancing loss `E * sum_e f_e * P_e` (Switch/Mixtral) and z-loss `mean(logsumexp(logits)^2)` (ST-MoE).
-
-    `f_e` is the fraction of tokens routed to expert e (per top-k slot, summed over slots, as Mixtral's
-    `load_balancing_loss_func`), `P_e` the mean routing probability (sigmoid scores are normalised per token, as
-    DeepSeek-V3's balance loss). The chosen experts are the ones the routers actually picked, so document routing
-    and biased (DeepSeek-V3) choices are counted as they happened. Padding tokens are left out.
-
-    No router logits (a dense model asked for them: `output_router_logits=True` records an empty tuple, as trainers
-    such as TRL's request them for any config that has the flag) means no router to balance: both losses are zero.
-    """
-    if not router_logits:
-        zero = torch.zeros((), device=attention_mask.device if attention_mask is not None else None)
-        return zero, zero.clone()
-    logits = torch.cat(router_logits, dim=0)
-    chosen = F.one_hot(torch.cat(router_indices, dim=0), num_experts).float()  # [layers * tokens, k, E]
-    probs = logits.sigmoid() if sigmoid_scores else logits.softmax(dim=-1)
-    if sigmoid_scores:
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    if attention_mask is None:
-        weights = torch.ones(logits.shape[0], device=logits.device)
-    else:
-        seq_len = router_logits[0].shape[0] // attention_mask.shape[0]  # the routers saw the last seq_len positions
-        weights = attention_mask[:, -seq_len:].reshape(-1).float().repeat(len(router_logits))
-    total = weights.sum().clamp(min=1.0)
-    tokens_per_expert = (chosen * weights[:, None, None]).sum(dim=0) / total
-    prob_per_expert = (probs * weights[:, None]).sum(dim=0) / total
-    balance = num_experts * (tokens_per_expert * prob_per_expert[None]).sum()
-    z_loss = (torch.logsumexp(logits, dim=-1).pow(2) * weights).sum() / total
-    return balance, z_loss
-
-
 class AgillmSATHead(nn.Module):
     """SAT head: `proj` predicts token t + `sat_block_size` at position t; `gate` scores stride 1..block size."""
 
@@ -1886,7 +1206,7 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
             outputs.router_logits,
             outputs.router_indices,
             self.config.num_experts,
-            sigmoid_scores=self.config.router_type.startswith("sigmoid"),
+            sigmoid_scores=ROUTER_CLASSES[self.config.router_type].sigmoid_scores,
             attention_mask=attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None,
         )
         return self.config.router_aux_loss_coef * balance + self.config.router_z_loss_coef * z_loss

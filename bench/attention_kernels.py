@@ -28,7 +28,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import kernels
 from kernels.attention import ATTN_IMPLEMENTATION
-from modeling_agillm import alibi_bias, alibi_slopes, eager_attention_forward
+from attention_agillm import eager_attention_forward
+from layers_agillm import alibi_bias, alibi_slopes
 
 from .cli import bench_parser, parse_bench_args, write_report
 from .compare_llama import machine_info

@@ -71,7 +71,7 @@ class Plan:
 
 def build_experts(shape: Shape):
     from configuration_agillm import AgillmConfig
-    from modeling_agillm import AgillmExperts, AgillmPlainExperts
+    from moe_agillm import AgillmExperts, AgillmPlainExperts
 
     config = AgillmConfig(
         vocab_size=64, hidden_size=shape.hidden_size, intermediate_size=shape.expert_width, num_hidden_layers=1,

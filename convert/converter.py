@@ -27,8 +27,10 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
 )
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+import modeling_agillm
 import processing_agillm
 from modeling_agillm import AgillmForCausalLM
 from processing_agillm import AgillmProcessor
@@ -43,26 +45,23 @@ from .weights import TIED_TARGET, CheckpointFolderTensors, collect_agillm_weight
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-# What a converted folder must hold besides its weights; checked before it replaces the target.
-REQUIRED_FILES = (
-    "config.json",
-    "generation_config.json",
-    "configuration_agillm.py",
-    "modeling_agillm.py",
-    "generation_agillm.py",
-    "diffusion_blocks_agillm.py",
-    "losses_agillm.py",
-    "processing_agillm.py",
-    "image_processing_agillm.py",
-    "feature_extraction_agillm.py",
-    "README.md",
-)
-# Code files shipped beside the ones `save_pretrained` writes (it copies only the saved classes' files and their
-# relative imports): the processor and its image / audio sub-processors, so that a converted folder can be given an
-# `AgillmImageProcessor` / `AgillmFeatureExtractor` later without this repository; and, when this checkout has it,
-# the VQ-VAE image tokenizer of the multimodal model.
+
+
+def code_files(module) -> tuple[str, ...]:
+    """`module`'s file and every sibling it imports as `from .x import y`, recursively: the files transformers copies
+    into a saved folder for a class defined in `module` (`get_relative_import_files`, the walk it uses itself)."""
+    path = Path(module.__file__).resolve()
+    return (path.name, *sorted(Path(name).name for name in get_relative_import_files(str(path))))
+
+
+# The one list of the model's code files: what `save_pretrained` ships for `AgillmForCausalLM` (modeling_agillm.py,
+# configuration_agillm.py and every sibling module they import).
+MODEL_CODE_FILES = code_files(modeling_agillm)
+# The processor and its image / audio sub-processors, shipped beside them (`ship_code_files`), so that a converted
+# folder can be given an `AgillmImageProcessor` / `AgillmFeatureExtractor` later without this repository.
 PROCESSOR_CODE_FILES = ("processing_agillm.py", "image_processing_agillm.py", "feature_extraction_agillm.py")
-OPTIONAL_CODE_FILES = ("vqvae_agillm.py",)
+# What a converted folder must hold besides its weights; checked before it replaces the target.
+REQUIRED_FILES = ("config.json", "generation_config.json", *MODEL_CODE_FILES, *PROCESSOR_CODE_FILES, "README.md")
 CODE_DIR = Path(processing_agillm.__file__).resolve().parent
 HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -282,9 +281,8 @@ def _verify_folder(folder: Path, weight_names: set[str]) -> None:
 
 
 def ship_code_files(folder: Path) -> None:
-    """Copy the processor code files (and the optional ones this checkout has) that the folder does not hold yet."""
-    optional = [name for name in OPTIONAL_CODE_FILES if (CODE_DIR / name).is_file()]
-    for name in (*PROCESSOR_CODE_FILES, *optional):
+    """Copy the processor code files that the folder does not hold yet."""
+    for name in PROCESSOR_CODE_FILES:
         if not (folder / name).is_file():
             shutil.copy(CODE_DIR / name, folder / name)
 

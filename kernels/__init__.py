@@ -36,7 +36,7 @@ from transformers.monkey_patching import get_patch_mapping, register_patch_mappi
 from .rms_norm import FusedRMSNorm, rms_norm_reference
 
 
-# class name in modeling_agillm.py -> faster drop-in (same __init__ signature and parameter names)
+# class name in layers_agillm.py -> faster drop-in (same __init__ signature and parameter names)
 PATCHES = {"AgillmRMSNorm": FusedRMSNorm}
 
 # public name -> submodule that defines it (loaded on first access, see the module docstring)

@@ -26,7 +26,8 @@ from transformers.masking_utils import (
 import kernels
 from conftest import build_tiny_model
 from kernels import attention as agillm_attention
-from modeling_agillm import alibi_bias, alibi_slopes, eager_attention_forward
+from attention_agillm import eager_attention_forward
+from layers_agillm import alibi_bias, alibi_slopes
 
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -338,7 +339,7 @@ def test_cached_generate_matches_uncached_and_sdpa(path):
 
 def test_model_reads_what_the_registered_function_declares(make_config):
     """ALiBi goes to the kernel as kwargs only for a function that `computes_alibi`; stock backends keep the mask."""
-    from modeling_agillm import attention_function_declares
+    from attention_agillm import attention_function_declares
 
     config = make_config(position_embedding_type="alibi")
     for implementation, declared in (("agillm", True), ("sdpa", False), ("flex_attention", False)):

@@ -31,6 +31,7 @@ from transformers import (
 import convert.converter
 from convert import ConversionError, agillm_config_from, convert_to_agillm
 from convert.__main__ import main as cli_main
+from convert.converter import MODEL_CODE_FILES, PROCESSOR_CODE_FILES
 from tokenizer import TOKENIZER_DIR  # the shipped tokenizer (8192 ids)
 
 
@@ -246,6 +247,8 @@ def test_round_trip_folder_contents(tmp_path):
     assert {"config.json", "generation_config.json", "model.safetensors.index.json", "README.md",
             "configuration_agillm.py", "modeling_agillm.py", "processing_agillm.py", "processor_config.json",
             "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= names
+    # exactly the code files of the one list: the model's (what save_pretrained ships) and the processor's
+    assert {name for name in names if name.endswith(".py")} == {*MODEL_CODE_FILES, *PROCESSOR_CODE_FILES}
     assert len([name for name in names if name.endswith(".safetensors")]) > 1
 
     config = json.loads((out / "config.json").read_text())

@@ -29,7 +29,8 @@ import convert.config_mapping
 from convert import ConversionError, agillm_config_from, convert_to_agillm
 from convert.__main__ import main as cli_main
 from convert.converter import build_agillm_model, read_source
-from modeling_agillm import AgillmForCausalLM, AgillmMLP
+from layers_agillm import AgillmMLP
+from modeling_agillm import AgillmForCausalLM
 
 
 TOLERANCE = 1e-4  # max abs difference of fp32 logits

@@ -8,13 +8,9 @@ from transformers import Trainer, TrainingArguments
 
 from conftest import TinyRows, build_tiny_config
 from configuration_agillm import AgillmConfig
-from modeling_agillm import (
-    AgillmForCausalLM,
-    AgillmPlainExperts,
-    AgillmRouter,
-    alibi_bias,
-    alibi_slopes,
-)
+from layers_agillm import alibi_bias, alibi_slopes
+from modeling_agillm import AgillmForCausalLM
+from moe_agillm import ROUTER_CLASSES, AgillmPlainExperts
 
 
 def tiny_config(**overrides) -> AgillmConfig:
@@ -180,7 +176,7 @@ def test_bidirectional_nat_sees_the_future():
 def test_top1_straight_through_uses_the_expert_output_unscaled():
     config = tiny_config(**LAYOUTS["agillm"], num_experts=4, router_type="top1_straight_through")
     torch.manual_seed(0)
-    router = AgillmRouter(config, layer_idx=0)
+    router = ROUTER_CLASSES[config.router_type](config, layer_idx=0)
     torch.nn.init.normal_(router.weight)
     hidden = torch.randn(6, config.hidden_size)
     logits, weights, index = router(hidden)
@@ -194,7 +190,7 @@ def test_softmax_topk_equals_softmax_over_the_chosen_logits():
     """AGILLM 4.x's top-k rule (top-k on raw logits, softmax over them) equals softmax, top-k, renormalise."""
     config = tiny_config(num_experts=5, num_experts_per_tok=2)
     torch.manual_seed(0)
-    router = AgillmRouter(config, layer_idx=0)
+    router = ROUTER_CLASSES[config.router_type](config, layer_idx=0)
     torch.nn.init.normal_(router.weight)
     hidden = torch.randn(7, config.hidden_size)
     logits, weights, index = router(hidden)

@@ -6,7 +6,8 @@ import torch
 import kernels
 from configuration_agillm import AgillmConfig
 from kernels import FusedRMSNorm, rms_norm_reference
-from modeling_agillm import AgillmForCausalLM, AgillmRMSNorm
+from layers_agillm import AgillmRMSNorm
+from modeling_agillm import AgillmForCausalLM
 
 
 @pytest.mark.parametrize("shape", [(3, 7, 64), (1, 1, 576), (2, 5, 4, 16)])

@@ -20,7 +20,7 @@ from transformers.integrations import use_experts_implementation
 import kernels
 from conftest import build_tiny_config, build_tiny_model
 from kernels import moe
-from modeling_agillm import AgillmExperts, AgillmPlainExperts
+from moe_agillm import AgillmExperts, AgillmPlainExperts
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from conftest import build_tiny_config, build_tiny_model
-from modeling_agillm import AgillmRouter, router_losses
+from moe_agillm import AgillmRouter, router_losses
 
 
 ATOL = 1e-5  # fp32 agreement between code paths (experts implementations, cache, padding)

@@ -23,7 +23,7 @@ from convert import smollm2
 from convert.smollm2 import smollm2_gguf_path
 from conftest import SHIPPED_VOCAB_SIZE, build_tiny_model
 from image_processing_agillm import AgillmImageProcessor
-from modeling_agillm import router_losses
+from moe_agillm import router_losses
 from processing_agillm import _UNMARKED_TEXT_CHAT_TEMPLATE as UNMARKED_TEMPLATE
 from processing_agillm import CHAT_TEMPLATE, TEXT_CHAT_TEMPLATE, AgillmProcessor
 from tokenizer import TOKENIZER_DIR
