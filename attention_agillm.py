@@ -96,6 +96,12 @@ def nope_temperature(position_ids: torch.Tensor, floor_scale: int, attn_scale: f
     return torch.log1p(torch.floor((position_ids.float() + 1.0) / floor_scale)) * attn_scale + 1.0
 
 
+class SharedKV(dict[int, tuple[torch.Tensor, torch.Tensor]]):
+    """What source layers leave for the later layers that reuse their keys and values (`config.kv_source_layers`):
+    source layer index -> (keys, values) as the cache returned them, i.e. over every cached position (MLA: the
+    normed latent and the rotated shared key). `AgillmModel.forward` builds one per forward when `config.shares_kv`."""
+
+
 def _stores_shared_kv(config: AgillmConfig, layer_idx: int) -> bool:
     """Whether a later layer reads this layer's keys and values (`config.kv_source_layers`)."""
     return layer_idx < config.num_hidden_layers and config.kv_source_layers.count(layer_idx) > 1
@@ -163,7 +169,7 @@ class AgillmAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None = None,
         position_ids: torch.LongTensor | None = None,
-        shared_kv_states: dict | None = None,
+        shared_kv_states: SharedKV | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -274,7 +280,7 @@ class AgillmMLAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None = None,
-        shared_kv_states: dict | None = None,
+        shared_kv_states: SharedKV | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, seq_len = hidden_states.shape[:2]

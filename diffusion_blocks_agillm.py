@@ -243,7 +243,7 @@ def embedding_scale(model) -> float | torch.Tensor:
 def clean_embeddings(model, input_ids=None, inputs_embeds=None) -> torch.Tensor:
     """The clean data z0 of a batch (gradients reach the looked-up embedding rows as usual)."""
     if inputs_embeds is None:
-        model.model._check_token_ids(input_ids)
+        model.model.check_token_ids(input_ids)
         inputs_embeds = model.model.embed_tokens(input_ids)
     return inputs_embeds * embedding_scale(model)
 
@@ -291,9 +291,9 @@ def diffusion_blocks_training_step(model, inputs: dict, labels: torch.Tensor, **
     attention_mask, position_ids = inputs["attention_mask"], inputs["position_ids"]
     if position_ids is None:
         position_ids = torch.arange(seq_len, device=clean.device)[None]
-        trunk._check_last_position(seq_len - 1)
+        trunk.check_last_position(seq_len - 1)
     else:
-        trunk._check_last_position(position_ids.max())
+        trunk.check_last_position(position_ids.max())
 
     group = state.choose_group()
     sigma = sample_sigmas(batch_size, *settings["sigma_bands"][group : group + 2], settings, state.step, clean.device)
@@ -477,8 +477,8 @@ def diffusion_euler_generate(
     max_new_tokens = generation_config.max_new_tokens
     if max_new_tokens is None:
         max_new_tokens = max(0, generation_config.max_length - prompt_len)
-    model.model._check_token_ids(input_ids)
-    model.model._check_last_position(prompt_len + max_new_tokens - 1)
+    model.model.check_token_ids(input_ids)
+    model.model.check_last_position(prompt_len + max_new_tokens - 1)
     logits_processor = model._get_logits_processor(generation_config, input_ids_seq_length=prompt_len,
                                                    device=input_ids.device, model_kwargs={})
 

@@ -9,7 +9,7 @@ A layer's attention is `AgillmAttention` (MHA/GQA/MQA, optionally reusing an ear
 `AgillmForCausalLM` adds the heads (AR, SAT, NAT) and, after the last decoder layer, DeepSeek-V3-style MTP modules.
 
 Multimodal configs add towers to the trunk (`vision_tower` ViT, `audio_tower` log-mel conv + encoder, each with a
-projector; `vqmodel`, the VQ-VAE image tokenizer of `vqvae_agillm.py`): `AgillmModel.merge_media` puts their
+projector, from `multimodal_agillm.py`; `vqmodel`, the VQ-VAE image tokenizer of `vqvae_agillm.py`): `AgillmModel.merge_media` puts their
 features in place of the `<|image|>` / `<|audio|>` placeholders, whose runs attend to themselves both ways.
 `AgillmForConditionalGeneration` reads images and speech and writes text, or VQ image tokens (`generate_images`).
 
@@ -19,7 +19,6 @@ KV cache is a transformers `Cache` whose per-layer kind follows `config.layer_ty
 as `from .x import y` travel with a saved model, so this file depends on nothing from this repo but its siblings.
 """
 
-import math
 import os
 import shutil
 import sys
@@ -30,7 +29,6 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.generation import (
@@ -52,7 +50,7 @@ from transformers.modeling_layers import (
     GenericForTokenClassification,
     GradientCheckpointingLayer,
 )
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple, logging
@@ -61,8 +59,8 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 
 try:  # a saved model folder (remote code): sibling modules of the same package
-    from .attention_agillm import AgillmAttention, AgillmMLAttention, attend, attention_function_declares
-    from .configuration_agillm import AgillmAudioConfig, AgillmConfig, AgillmVisionConfig
+    from .attention_agillm import AgillmAttention, AgillmMLAttention, SharedKV, attention_function_declares
+    from .configuration_agillm import AgillmConfig
     from .diffusion_blocks_agillm import DiffusionBlocksState, diffusion_blocks_training_step, diffusion_euler_generate
     from .generation_agillm import GENERATION_MODES, agillm_generate
     from .layers_agillm import AgillmMLP, AgillmRotaryEmbedding, add_bias_to_mask, alibi_bias, alibi_slopes, build_norm
@@ -76,10 +74,18 @@ try:  # a saved model folder (remote code): sibling modules of the same package
         ROUTER_CLASSES,
         router_losses,
     )
+    from .multimodal_agillm import (
+        AgillmAudioModel,
+        AgillmMediaFeaturesOutput,
+        AgillmMultimodalProjector,
+        AgillmVisionModel,
+        media_block_ids,
+        stack_frames,
+    )
     from .vqvae_agillm import AgillmVQVAE
 except ImportError:  # this repository, imported as top-level modules
-    from attention_agillm import AgillmAttention, AgillmMLAttention, attend, attention_function_declares
-    from configuration_agillm import AgillmAudioConfig, AgillmConfig, AgillmVisionConfig
+    from attention_agillm import AgillmAttention, AgillmMLAttention, SharedKV, attention_function_declares
+    from configuration_agillm import AgillmConfig
     from diffusion_blocks_agillm import DiffusionBlocksState, diffusion_blocks_training_step, diffusion_euler_generate
     from generation_agillm import GENERATION_MODES, agillm_generate
     from layers_agillm import AgillmMLP, AgillmRotaryEmbedding, add_bias_to_mask, alibi_bias, alibi_slopes, build_norm
@@ -92,6 +98,14 @@ except ImportError:  # this repository, imported as top-level modules
         DocumentRouting,
         ROUTER_CLASSES,
         router_losses,
+    )
+    from multimodal_agillm import (
+        AgillmAudioModel,
+        AgillmMediaFeaturesOutput,
+        AgillmMultimodalProjector,
+        AgillmVisionModel,
+        media_block_ids,
+        stack_frames,
     )
     from vqvae_agillm import AgillmVQVAE
 
@@ -136,6 +150,7 @@ class AgillmDecoderLayer(GradientCheckpointingLayer):
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         document_routing: DocumentRouting | None = None,
+        shared_kv_states: SharedKV | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         residual = hidden_states
@@ -146,6 +161,7 @@ class AgillmDecoderLayer(GradientCheckpointingLayer):
             past_key_values=past_key_values,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
+            shared_kv_states=shared_kv_states,
             **kwargs,
         )
         hidden_states = residual + self.hidden_dropout(hidden_states)
@@ -286,208 +302,6 @@ def check_weight_files(checkpoint_files) -> None:
                 f"Cannot load the weights file {path}: not a valid safetensors file, truncated or corrupt "
                 f"({' '.join(str(error).split())})."
             ) from error
-
-
-# ----------------------------------------------------------------------------------- image and speech encoders
-# Both towers are small pre-norm transformer encoders (bidirectional attention through the same backends as the
-# decoder) whose outputs a projector maps into the decoder's width; `AgillmModel` puts one projected feature in
-# place of each `<|image|>` / `<|audio|>` placeholder token. Module names (`blocks.N.attn`) differ from the
-# decoder's (`layers.N.self_attn`) so the decoder's tensor-parallel plan never matches an encoder weight.
-
-
-class AgillmEncoderAttention(nn.Module):
-    """Multi-head attention without a causal mask; `attention_mask` only hides padding (audio frames)."""
-
-    def __init__(self, config, hidden_size: int, num_heads: int):
-        super().__init__()
-        self.config = config  # `attend` reads the backend from it (transformers sets it on every sub-config)
-        self.num_heads = num_heads
-        self.head_dim = hidden_size // num_heads
-        self.scaling = self.head_dim**-0.5
-        self.attention_dropout = config.attention_dropout
-        self.sliding_window = None
-        self.num_key_value_groups = 1
-        self.is_causal = False
-        self.q_proj = nn.Linear(hidden_size, hidden_size)
-        self.k_proj = nn.Linear(hidden_size, hidden_size)
-        self.v_proj = nn.Linear(hidden_size, hidden_size)
-        self.out_proj = nn.Linear(hidden_size, hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        shape = (*hidden_states.shape[:-1], self.num_heads, self.head_dim)
-        query, key, value = (
-            proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )
-        attn_output, attn_weights = attend(self, query, key, value, attention_mask, is_causal=False, **kwargs)
-        return self.out_proj(attn_output.reshape(*hidden_states.shape[:-1], -1)), attn_weights
-
-
-class AgillmEncoderLayer(GradientCheckpointingLayer):
-    """Pre-LayerNorm transformer block (ViT / Whisper encoder layout): attention, then a GELU MLP."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attn = AgillmEncoderAttention(config, config.hidden_size, config.num_attention_heads)
-        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.act = ACT2FN[config.hidden_act]
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        hidden_states = hidden_states + self.attn(self.norm1(hidden_states), attention_mask, **kwargs)[0]
-        return hidden_states + self.fc2(self.act(self.fc1(self.norm2(hidden_states))))
-
-
-class AgillmMultimodalProjector(nn.Module):
-    """Encoder features -> decoder width: Linear, activation, Linear (LLaVA's projector)."""
-
-    def __init__(self, in_features: int, out_features: int, hidden_act: str):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_features, out_features)
-        self.act = ACT2FN[hidden_act]
-        self.linear_2 = nn.Linear(out_features, out_features)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(features)))
-
-
-@dataclass
-class AgillmMediaFeaturesOutput(BaseModelOutputWithPooling):
-    r"""
-    last_hidden_state (`torch.FloatTensor` of shape `(items, positions, encoder_hidden_size)`): the encoder's output.
-    pooler_output (`torch.FloatTensor` of shape `(items, tokens, hidden_size)`, *optional*): the projected features,
-        one per placeholder token (set by `get_image_features` / `get_audio_features`).
-    feature_mask (`torch.BoolTensor`, *optional*): which positions of `last_hidden_state` (from the encoder) or rows
-        of `pooler_output` (from `get_audio_features`) are real; audio clips are padded to a common length.
-    """
-
-    feature_mask: torch.BoolTensor | None = None
-
-
-ENCODER_RECORDED_OUTPUTS = {
-    "hidden_states": AgillmEncoderLayer,
-    "attentions": OutputRecorder(AgillmEncoderAttention, index=1),
-}
-
-
-class AgillmVisionModel(AgillmPreTrainedModel):
-    """ViT: `patch_size` patches -> conv embedding + learned positions -> encoder blocks -> LayerNorm."""
-
-    config: AgillmVisionConfig
-    main_input_name = "pixel_values"
-    _can_record_outputs = ENCODER_RECORDED_OUTPUTS
-
-    def __init__(self, config: AgillmVisionConfig):
-        super().__init__(config)
-        self.patch_embedding = nn.Conv2d(
-            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
-        )
-        self.position_embedding = nn.Embedding(config.num_image_tokens, config.hidden_size)
-        # CLIP's pre-encoder LayerNorm: patch embeddings start tiny (std-0.02 init) next to the residual updates;
-        # normalising them first helps the encoder learn early (measured on the digit task: 84% vs 68% held-out
-        # accuracy after one minute of CPU training).
-        self.pre_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.blocks = nn.ModuleList([AgillmEncoderLayer(config) for _ in range(config.num_hidden_layers)])
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.post_init()
-
-    @merge_with_config_defaults
-    @capture_outputs
-    def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> AgillmMediaFeaturesOutput:
-        """`pixel_values` [images, channels, size, size] -> features [images, num_image_tokens, hidden_size]."""
-        expected = (self.config.num_channels, self.config.image_size, self.config.image_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(
-                f"pixel_values must have shape [num_images, {', '.join(map(str, expected))}] (what AgillmImageProcessor "
-                f"returns for this model), got {list(pixel_values.shape)}."
-            )
-        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
-        hidden_states = self.pre_layernorm(patches.flatten(2).transpose(1, 2) + self.position_embedding.weight)
-        for block in self.blocks:
-            hidden_states = block(hidden_states, **kwargs)
-        return AgillmMediaFeaturesOutput(last_hidden_state=self.post_layernorm(hidden_states))
-
-
-def sinusoidal_positions(length: int, channels: int, device=None, dtype=None) -> torch.Tensor:
-    """Whisper's fixed encoder positions: sin/cos at geometric timescales 1 .. 10,000, `[length, channels]`."""
-    log_timescale = math.log(10000) / (channels // 2 - 1)
-    inv_timescales = torch.exp(-log_timescale * torch.arange(channels // 2, device=device, dtype=torch.float32))
-    times = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_timescales[None, :]
-    return torch.cat([times.sin(), times.cos()], dim=1).to(dtype)
-
-
-class AgillmAudioModel(AgillmPreTrainedModel):
-    """Log-mel frames -> conv (stride 1) -> conv (stride `conv_stride`) -> sinusoidal positions -> encoder blocks.
-
-    Padding frames are zeroed before each convolution and hidden from attention, so a clip's features do not depend
-    on how much padding its batch added (a batch equals its items run alone).
-    """
-
-    config: AgillmAudioConfig
-    main_input_name = "input_features"
-    _can_record_outputs = ENCODER_RECORDED_OUTPUTS
-
-    def __init__(self, config: AgillmAudioConfig):
-        super().__init__(config)
-        kernel, padding = config.conv_kernel_size, config.conv_kernel_size // 2
-        self.conv1 = nn.Conv1d(config.num_mel_bins, config.hidden_size, kernel, padding=padding)
-        self.conv2 = nn.Conv1d(config.hidden_size, config.hidden_size, kernel, stride=config.conv_stride, padding=padding)
-        self.act = ACT2FN[config.hidden_act]
-        self.blocks = nn.ModuleList([AgillmEncoderLayer(config) for _ in range(config.num_hidden_layers)])
-        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.post_init()
-
-    @merge_with_config_defaults
-    @capture_outputs
-    def forward(
-        self,
-        input_features: torch.Tensor,
-        feature_attention_mask: torch.Tensor | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> AgillmMediaFeaturesOutput:
-        """`input_features` [clips, num_mel_bins, frames] -> features [clips, frames', hidden] and their validity
-        (`feature_mask`), `frames' = ceil(frames / conv_stride)`."""
-        if input_features.dim() != 3 or input_features.shape[1] != self.config.num_mel_bins:
-            raise ValueError(
-                f"input_features must have shape [num_clips, {self.config.num_mel_bins}, num_frames] (log-mel from "
-                f"AgillmFeatureExtractor with feature_size={self.config.num_mel_bins}), got {list(input_features.shape)}."
-            )
-        if feature_attention_mask is None:
-            feature_attention_mask = input_features.new_ones(input_features.shape[0], input_features.shape[2])
-        if feature_attention_mask.shape != (input_features.shape[0], input_features.shape[2]):
-            raise ValueError(
-                f"feature_attention_mask must have shape {[input_features.shape[0], input_features.shape[2]]} "
-                f"(clips, frames), got {list(feature_attention_mask.shape)}."
-            )
-        valid = feature_attention_mask.bool()
-        dtype = self.conv1.weight.dtype
-        hidden = self.act(self.conv1(input_features.to(dtype) * valid[:, None]))
-        hidden = self.act(self.conv2(hidden * valid[:, None]))
-        valid = valid[:, :: self.config.conv_stride]  # output frame t is centred on input frame t * stride
-        hidden = hidden.transpose(1, 2)
-        hidden = hidden + sinusoidal_positions(hidden.shape[1], hidden.shape[2], hidden.device, hidden.dtype)
-        padding_mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=valid)
-        for block in self.blocks:
-            hidden = block(hidden, padding_mask, **kwargs)
-        return AgillmMediaFeaturesOutput(last_hidden_state=self.layer_norm(hidden) * valid[..., None], feature_mask=valid)
-
-
-def stack_frames(features: torch.Tensor, valid: torch.Tensor, frames_per_token: int):
-    """[clips, T, D] -> [clips, ceil(T / k), k * D]: k consecutive frames become one token (zeros past the end)."""
-    clips, length, width = features.shape
-    padded = -(-length // frames_per_token) * frames_per_token
-    features = F.pad(features, (0, 0, 0, padded - length))
-    return features.reshape(clips, padded // frames_per_token, frames_per_token * width), valid[:, ::frames_per_token]
-
-
-def media_block_ids(input_ids: torch.Tensor, media_token_ids: tuple[int, ...], past_length: int) -> torch.Tensor:
-    """Group id of every run of placeholder tokens (one image, one clip) and -1 elsewhere, for `masking_utils`'
-    `block_sequence_ids`: tokens of one group attend to each other both ways. Past (cached) keys get -1."""
-    is_media = torch.isin(input_ids, torch.tensor(media_token_ids, device=input_ids.device))
-    starts = is_media & ~F.pad(is_media[:, :-1], (1, 0), value=False)
-    group_ids = torch.where(is_media, starts.long().cumsum(-1) - 1, -1)
-    return F.pad(group_ids, (past_length, 0), value=-1)
 
 
 def parameter_count_lower_bound(config: AgillmConfig) -> int:
@@ -641,7 +455,7 @@ class AgillmModel(AgillmPreTrainedModel):
     def _placeholder_mask(self, input_ids, token_id: int, features: torch.Tensor | None, name: str) -> torch.Tensor:
         """Where `features` go; refuses a count mismatch (which would shift every feature) with both numbers.
 
-        Skipped while compiling, like `_check_token_ids` (the count is a tensor value)."""
+        Skipped while compiling, like `check_token_ids` (the count is a tensor value)."""
         mask = input_ids == token_id
         if torch.compiler.is_compiling():
             return mask
@@ -678,7 +492,7 @@ class AgillmModel(AgillmPreTrainedModel):
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         return media_block_ids(input_ids, media_ids, past_length)
 
-    def _check_token_ids(self, input_ids: torch.Tensor | None) -> None:
+    def check_token_ids(self, input_ids: torch.Tensor | None) -> None:
         """Out-of-range ids would be an index error on CPU and a device assert on GPU: say what is wrong instead.
 
         Skipped while compiling (both checks read tensor values, which would break a full-graph capture).
@@ -692,7 +506,7 @@ class AgillmModel(AgillmPreTrainedModel):
                 f"[{int(low)}, {int(high)}]. Is the tokenizer the one this model was trained with?"
             )
 
-    def _check_last_position(self, last_position: int | torch.Tensor) -> None:
+    def check_last_position(self, last_position: int | torch.Tensor) -> None:
         """Positions past the trained context silently degrade RoPE models; refuse them (dynamic RoPE extrapolates)."""
         extrapolates = self.config.rope_type == "dynamic" or not self.config.uses_rope  # ALiBi/NoPE: no table to run off
         if extrapolates or torch.compiler.is_compiling():
@@ -900,7 +714,7 @@ class AgillmModel(AgillmPreTrainedModel):
                              "go) and the 'ar' objective.")
 
         if inputs_embeds is None:
-            self._check_token_ids(input_ids)
+            self.check_token_ids(input_ids)
             inputs_embeds = self.embed_tokens(input_ids)
             if self.config.is_multimodal:
                 inputs_embeds = self.merge_media(
@@ -914,9 +728,9 @@ class AgillmModel(AgillmPreTrainedModel):
             past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
-            self._check_last_position(past_seen_tokens + inputs_embeds.shape[1] - 1)  # known on the host: no sync
+            self.check_last_position(past_seen_tokens + inputs_embeds.shape[1] - 1)  # known on the host: no sync
         elif position_ids.numel() > 0:
-            self._check_last_position(position_ids.max())
+            self.check_last_position(position_ids.max())
 
         block_sequence_ids = self._media_block_ids(input_ids, past_key_values) if objective == "ar" else None
         mask_per_layer_type = self.attention_masks(
@@ -942,8 +756,7 @@ class AgillmModel(AgillmPreTrainedModel):
             document_routing = DocumentRouting.build(
                 self.config, attention_mask, position_ids, past_key_values, *inputs_embeds.shape[:2]
             )
-        if self.config.shares_kv:
-            kwargs["shared_kv_states"] = {}  # source layer index -> its (cached) K/V, read by the sharing layers
+        shared_kv_states = SharedKV() if self.config.shares_kv else None
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -958,6 +771,7 @@ class AgillmModel(AgillmPreTrainedModel):
                 past_key_values=past_key_values,
                 use_cache=use_cache,
                 document_routing=document_routing,
+                shared_kv_states=shared_kv_states,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
@@ -1446,7 +1260,7 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
             config=self.config,
             device=inputs_embeds.device,
         )
-        self.model._check_token_ids(input_ids)
+        self.model.check_token_ids(input_ids)
         return self.model(
             inputs_embeds=inputs_embeds,
             attention_mask={"full_attention": mask},

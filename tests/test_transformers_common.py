@@ -28,7 +28,6 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from configuration_agillm import AgillmConfig
 from modeling_agillm import (
-    AgillmEncoderAttention,
     AgillmForCausalLM,
     AgillmForConditionalGeneration,
     AgillmForQuestionAnswering,
@@ -36,6 +35,7 @@ from modeling_agillm import (
     AgillmForTokenClassification,
     AgillmModel,
 )
+from multimodal_agillm import AgillmEncoderAttention
 from tests.transformers_common.fetch import ensure_transformers_tests
 
 
