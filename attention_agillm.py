@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 from transformers.integrations import use_kernelized_func
+from transformers.masking_utils import create_causal_mask, create_chunked_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
@@ -24,6 +25,14 @@ try:  # a saved model folder (remote code): sibling modules of the same package
 except ImportError:  # this repository, imported as top-level modules
     from configuration_agillm import AgillmConfig
     from layers_agillm import AgillmRMSNorm, apply_rotary_pos_emb, build_norm, rotate_half
+
+
+# One mask builder per layer type; `AgillmModel.forward` builds each mask once and layers index it by type.
+MASK_BUILDERS = {
+    "full_attention": create_causal_mask,
+    "sliding_attention": create_sliding_window_causal_mask,
+    "chunked_attention": create_chunked_causal_mask,
+}
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:

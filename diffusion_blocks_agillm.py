@@ -72,6 +72,12 @@ from transformers.cache_utils import DynamicCache
 from transformers.utils import ModelOutput, logging
 
 
+try:  # a saved model folder (remote code): sibling modules of the same package
+    from .objectives_agillm import ar_loss, sat_loss
+except ImportError:  # this repository, imported as top-level modules
+    from objectives_agillm import ar_loss, sat_loss
+
+
 logger = logging.get_logger(__name__)
 
 
@@ -312,14 +318,14 @@ def diffusion_blocks_training_step(model, inputs: dict, labels: torch.Tensor, **
         normed = trunk.norm(denoised)
         if objective == "ar":
             ar_logits = model.lm_head(normed)
-            losses["ar"] = model._ar_loss(ar_logits, labels)
+            losses["ar"] = ar_loss(model, ar_logits, labels)
             if settings["reconstruction_weight"] > 0:
                 error = _reconstruction_error(denoised, clean.detach(), attention_mask)
                 losses["reconstruction"] = error.mean()
                 loss = loss + settings["reconstruction_weight"] * (weight * error).mean()
         else:
             sat_logits, gate_logits = model.sat_head(normed)
-            losses["sat"] = model._sat_loss(sat_logits, gate_logits, labels)
+            losses["sat"] = sat_loss(model, sat_logits, gate_logits, labels)
         loss = loss + objective_weight * weight.mean() * losses[objective]
         raw_loss = raw_loss + objective_weight * losses[objective].detach()
 

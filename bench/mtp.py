@@ -9,9 +9,9 @@ Models (each saved as a folder and loaded back as remote code, which `use_mtp=Tr
                        copy of the last decoder layer and `eh_proj` as `[0 | I]` (the block first sees the trunk's
                        final hidden state). A frozen trunk computes the same features every epoch, so they are
                        computed once: the trunk runs (fp32, no grad, batched) over `--smollm2-cached-blocks` random
-                       training blocks and its final hidden state (what `forward` hands `_mtp_loss`) stays in
+                       training blocks and its final hidden state (what `forward` hands `mtp_loss`) stays in
                        memory in fp32; then `--smollm2-train-steps` AdamW steps (warmup + cosine) each call
-                       `model._mtp_loss` on cached features, running only the MTP block and the frozen head
+                       `objectives_agillm.mtp_loss` on cached features, running only the MTP block and the frozen head
                        (`train_mtp_on_cached_features`; tests/test_mtp.py proves it equals the full forward's MTP
                        loss and gradients). The trunk's cost is paid once per cached token instead of once per
                        token per step; a step then costs ~1/3 of a full-forward frozen-trunk step per token.
@@ -42,6 +42,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedul
 from configuration_agillm import AgillmConfig
 from demo.pretrain_shakespeare import TrainingPlan, build_datasets, small_agillm_config, train
 from modeling_agillm import AgillmForCausalLM
+from objectives_agillm import mtp_loss
 from tokenizer import TOKENIZER_DIR
 
 from .cli import bench_parser, parse_bench_args, write_report
@@ -155,13 +156,13 @@ def freeze_all_but_mtp(model) -> list[torch.nn.Parameter]:
 
 
 def mtp_inputs(input_ids: torch.Tensor) -> dict:
-    """The `inputs` that `AgillmForCausalLM.forward` hands `_mtp_loss` for a batch of unpadded blocks."""
+    """The `inputs` that `AgillmForCausalLM.forward` hands `mtp_loss` for a batch of unpadded blocks."""
     return {"input_ids": input_ids, "attention_mask": None, "position_ids": None, "inputs_embeds": None}
 
 
 @torch.no_grad()  # not inference_mode: inference tensors cannot be saved for the MTP modules' backward
 def cache_trunk_features(model, input_ids: torch.Tensor, batch_size: int, dtype=torch.float32) -> torch.Tensor:
-    """The trunk's final hidden state for every block, as `forward` hands it to `_mtp_loss`: `(blocks, T, hidden)`.
+    """The trunk's final hidden state for every block, as `forward` hands it to `mtp_loss`: `(blocks, T, hidden)`.
 
     `model.model(...).last_hidden_state` (after the final norm, as transformers' `MtpModel` receives it at decoding
     time), run once, batched, in eval mode (no dropout, no router-bias update of the frozen trunk).
@@ -182,7 +183,7 @@ def cache_trunk_features(model, input_ids: torch.Tensor, batch_size: int, dtype=
 def cached_mtp_loss(model, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """`model(input_ids, labels=input_ids).objective_losses["mtp"]` from cached trunk features: the MTP modules and
     the head run, the trunk does not (tests/test_mtp.py checks the loss and gradients against the full forward)."""
-    return model._mtp_loss(mtp_inputs(input_ids), features.to(model.dtype), input_ids)
+    return mtp_loss(model, mtp_inputs(input_ids), features.to(model.dtype), input_ids)
 
 
 @dataclass
@@ -512,7 +513,7 @@ def smollm2_setup(rows: list[dict], plan: Plan) -> list[str]:
         f"blocks the training plays give) in {row['cache_seconds']:.0f} s, keeping its final hidden state "
         f"({row['feature_dtype']}, {row['feature_megabytes']} MB in memory); then {row['steps']} AdamW steps on "
         f"{row['batch_size']} x {plan.block_size} tokens (peak lr {row['learning_rate']:g}, 8% warmup + cosine to "
-        "zero, weight decay 0.1 except norms, clipping 1.0), each `model._mtp_loss` on cached features (MTP block + "
+        "zero, weight decay 0.1 except norms, clipping 1.0), each `mtp_loss` on cached features (MTP block + "
         "frozen head only), "
         f"{row['train_seconds']:.0f} s of steps, {row['tokens_seen']:,} tokens seen ({row['epochs']:g} epochs of "
         f"the cache). Held-out MTP loss " + " -> ".join(f"{point['loss']:.3f}" for point in curve)

@@ -11,6 +11,7 @@ from configuration_agillm import AgillmConfig
 from layers_agillm import alibi_bias, alibi_slopes
 from modeling_agillm import AgillmForCausalLM
 from moe_agillm import ROUTER_CLASSES, AgillmPlainExperts
+from objectives_agillm import clean_and_noised_pass, sat_gate_loss
 
 
 def tiny_config(**overrides) -> AgillmConfig:
@@ -152,7 +153,7 @@ def test_block_nat_trains_exactly_as_it_decodes():
     noised[0, [1, 2, 5, 8, 9, 11]] = model.config.nat_mask_token_id
     inputs = {"input_ids": tokens, "attention_mask": None, "position_ids": None, "inputs_embeds": None}
     with torch.no_grad():
-        trained = model.nat_head(model._clean_and_noised_pass(inputs, noised).last_hidden_state[:, 12:])
+        trained = model.nat_head(clean_and_noised_pass(model, inputs, noised).last_hidden_state[:, 12:])
         for block in range(3):
             context = torch.cat([tokens[:, : 4 * block], noised[:, 4 * block : 4 * block + 4]], dim=1)
             decoded = model(context, objective="nat").logits[:, -4:]
@@ -242,7 +243,7 @@ def test_sat_gate_target_is_the_safe_stride():
     for position, token in enumerate(predictions):
         logits[0, position, token] = 10.0
     gate_logits = torch.zeros(1, 8, 2, requires_grad=True)
-    loss = model._sat_gate_loss(logits, gate_logits, labels)
+    loss = sat_gate_loss(model, logits, gate_logits, labels)
     loss.backward()
     # Targets: stride 2 (class 1), stride 1 (class 0), stride 1 (class 0): gradients push the logits that way.
     grad = gate_logits.grad[0]

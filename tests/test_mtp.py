@@ -1,6 +1,6 @@
 """Multi-token prediction (DeepSeek-V3 MTP): AGILLM's training loss against transformers' own MTP inference.
 
-AGILLM trains its MTP modules in `AgillmForCausalLM._mtp_loss`; transformers drafts with them through `MtpModel`
+AGILLM trains its MTP modules in `objectives_agillm.mtp_loss`; transformers drafts with them through `MtpModel`
 (`generate(use_mtp=True)`, `MTPCandidateGenerator`), which loads the same weights from the saved folder under its
 own names. The two must compute the same function, or what was trained is not what drafts. Checked here on tiny
 random models, for depth 1 and 2:

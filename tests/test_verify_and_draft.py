@@ -23,6 +23,7 @@ from transformers import Trainer, TrainingArguments
 import generation_agillm
 from conftest import TinyRows
 from generation_agillm import _DraftLayout
+from objectives_agillm import clean_and_noised_pass, nat_noise
 
 
 VOCAB = 96
@@ -186,10 +187,10 @@ def test_decode_layout_equals_the_training_layout(make_model):
     model = draft_model(make_model, "draft_objective_block3", objective_weights={"ar": 1.0, "nat": 0.5})
     block = model.config.nat_block_size
     input_ids = torch.randint(4, VOCAB, (2, 4 * block), generator=torch.Generator().manual_seed(1))
-    noised, targets = model._nat_noise(input_ids, input_ids)
+    noised, targets = nat_noise(model, input_ids, input_ids)
     assert (noised == model.config.nat_mask_token_id).all() and targets.equal(input_ids)
     inputs = {"input_ids": input_ids, "attention_mask": None, "position_ids": None}
-    trained = model._clean_and_noised_pass(inputs, noised).last_hidden_state
+    trained = clean_and_noised_pass(model, inputs, noised).last_hidden_state
     length = input_ids.shape[1]
     assert trained[:, :length].equal(model.model(input_ids).last_hidden_state)
     for row in range(2):
