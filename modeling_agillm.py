@@ -10,8 +10,9 @@ A layer's attention is `AgillmAttention` (MHA/GQA/MQA, optionally reusing an ear
 every objective's loss (and the SAT head) is in `objectives_agillm.py`.
 
 Multimodal configs add towers to the trunk (`vision_tower` ViT, `audio_tower` log-mel conv + encoder, each with a
-projector, from `multimodal_agillm.py`; `vqmodel`, the VQ-VAE image tokenizer of `vqvae_agillm.py`): `AgillmModel.merge_media` puts their
-features in place of the `<|image|>` / `<|audio|>` placeholders, whose runs attend to themselves both ways.
+projector, from `multimodal_agillm.py`; `vqmodel`, the VQ-VAE image tokenizer of `vqvae_agillm.py`):
+`AgillmModel.merge_media` puts their features in place of the `<|image|>` / `<|audio|>` placeholders, whose runs
+attend to themselves both ways.
 `AgillmForConditionalGeneration` reads images and speech and writes text, or VQ image tokens (`generate_images`).
 
 Attention goes through transformers' `ALL_ATTENTION_FUNCTIONS` (eager / sdpa / flex / flash, plus anything
@@ -86,11 +87,9 @@ try:  # a saved model folder (remote code): sibling modules of the same package
         OBJECTIVES,
         AgillmCausalLMOutputWithPast,
         AgillmSATHead,
-        ar_loss,
-        mtp_loss,
+        head_loss,
         multi_objective_forward,
-        nat_loss,
-        sat_loss,
+        nat_forward,
         uses_chunked_cross_entropy,
     )
     from .vqvae_agillm import AgillmVQVAE
@@ -128,11 +127,9 @@ except ImportError:  # this repository, imported as top-level modules
         OBJECTIVES,
         AgillmCausalLMOutputWithPast,
         AgillmSATHead,
-        ar_loss,
-        mtp_loss,
+        head_loss,
         multi_objective_forward,
-        nat_loss,
-        sat_loss,
+        nat_forward,
         uses_chunked_cross_entropy,
     )
     from vqvae_agillm import AgillmVQVAE
@@ -719,32 +716,14 @@ class AgillmModel(AgillmPreTrainedModel):
         # None reads as the head's default: transformers' pipeline parallelism binds the head's forward signature,
         # defaults included, and hands those arguments to the trunk on the stages that do not run the head.
         objective = "ar" if objective is None else objective
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {list(OBJECTIVES)} or None, got {objective!r}.")
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        self._check_input_shapes(input_ids, inputs_embeds, attention_mask, position_ids, past_key_values)
         has_media = pixel_values is not None or input_features is not None
-        if has_media and (input_ids is None or objective != "ar"):
-            raise ValueError("pixel_values / input_features need input_ids (their placeholders mark where the features "
-                             "go) and the 'ar' objective.")
-
+        self._check_inputs(objective, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values, has_media)
         if inputs_embeds is None:
-            self.check_token_ids(input_ids)
-            inputs_embeds = self.embed_tokens(input_ids)
-            if self.config.is_multimodal:
-                inputs_embeds = self.merge_media(
-                    input_ids, inputs_embeds, pixel_values, input_features, feature_attention_mask
-                )
-
+            inputs_embeds = self._embed(input_ids, pixel_values, input_features, feature_attention_mask)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
-
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
-            position_ids = position_ids.unsqueeze(0)
-            self.check_last_position(past_seen_tokens + inputs_embeds.shape[1] - 1)  # known on the host: no sync
+            position_ids = self._next_positions(inputs_embeds, past_key_values)
         elif position_ids.numel() > 0:
             self.check_last_position(position_ids.max())
 
@@ -758,13 +737,7 @@ class AgillmModel(AgillmPreTrainedModel):
         ))
 
         if objective != "ar":
-            if self.config._attn_implementation not in ("eager", "sdpa", "flex_attention") and not (
-                attention_function_declares(self.config, "supports_block_masks")
-            ):
-                raise ValueError(
-                    f"objective={objective!r} attends in blocks / both ways, which needs attn_implementation 'eager', "
-                    f"'sdpa' or 'flex_attention', not {self.config._attn_implementation!r}."
-                )
+            self._check_block_attention(objective)
             kwargs["is_causal"] = False  # sdpa would read a skipped (None) bidirectional mask as causal
 
         document_routing = None
@@ -792,6 +765,42 @@ class AgillmModel(AgillmPreTrainedModel):
             )
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+    def _check_inputs(self, objective, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values,
+                      has_media: bool) -> None:
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {list(OBJECTIVES)} or None, got {objective!r}.")
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        self._check_input_shapes(input_ids, inputs_embeds, attention_mask, position_ids, past_key_values)
+        if has_media and (input_ids is None or objective != "ar"):
+            raise ValueError("pixel_values / input_features need input_ids (their placeholders mark where the features "
+                             "go) and the 'ar' objective.")
+
+    def _embed(self, input_ids, pixel_values, input_features, feature_attention_mask) -> torch.Tensor:
+        """Token embeddings, with the media features in place of their placeholders on multimodal configs."""
+        self.check_token_ids(input_ids)
+        inputs_embeds = self.embed_tokens(input_ids)
+        if self.config.is_multimodal:
+            inputs_embeds = self.merge_media(input_ids, inputs_embeds, pixel_values, input_features, feature_attention_mask)
+        return inputs_embeds
+
+    def _next_positions(self, inputs_embeds: torch.Tensor, past_key_values: Cache | None) -> torch.Tensor:
+        """`[1, seq]` positions following the cached ones, checked against `max_position_embeddings`."""
+        past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+        position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+        self.check_last_position(past_seen_tokens + inputs_embeds.shape[1] - 1)  # known on the host: no sync
+        return position_ids.unsqueeze(0)
+
+    def _check_block_attention(self, objective: str) -> None:
+        """SAT / NAT masks need an attention function that takes any boolean mask."""
+        if self.config._attn_implementation not in ("eager", "sdpa", "flex_attention") and not (
+            attention_function_declares(self.config, "supports_block_masks")
+        ):
+            raise ValueError(
+                f"objective={objective!r} attends in blocks / both ways, which needs attn_implementation 'eager', "
+                f"'sdpa' or 'flex_attention', not {self.config._attn_implementation!r}."
+            )
 
 
 @auto_docstring
@@ -897,69 +906,40 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         >>> ids = tokenizer("To be, or not to be", return_tensors="pt")
         >>> tokenizer.decode(model.generate(**ids, max_new_tokens=20)[0])
         ```"""
-        if labels is not None and kwargs.get("shift_labels") is not None:
-            # Sequence-parallel training hands over next-token targets already aligned (`shift_labels[t]` is the
-            # token at t + 1); every objective then reads its targets from them, never from the unsharded `labels`.
-            labels = F.pad(kwargs["shift_labels"][:, :-1], (1, 0), value=-100)
+        labels = self._aligned_labels(labels, input_ids if input_ids is not None else inputs_embeds, kwargs)
         inputs = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "position_ids": position_ids,
             "inputs_embeds": inputs_embeds,
         }
-        tokens = input_ids if input_ids is not None else inputs_embeds
-        if labels is not None and tokens is not None and tuple(labels.shape) != tuple(tokens.shape[:2]):
-            raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(tokens.shape[:2])}: one target per "
-                             "input token, aligned with input_ids (the objectives shift them).")
-        if labels is not None and objective is None and self.training and self.config.diffusion_blocks is not None:
-            return diffusion_blocks_training_step(self, inputs, labels, **kwargs)  # one layer group per step
-        if labels is not None and objective is None and self._training_objectives() != ["ar"]:
-            return multi_objective_forward(self, inputs, labels, **kwargs)
+        if labels is not None and objective is None:  # training: every objective the config weights
+            if self.training and self.config.diffusion_blocks is not None:
+                return diffusion_blocks_training_step(self, inputs, labels, **kwargs)  # one layer group per step
+            if self._training_objectives() != ["ar"]:
+                return multi_objective_forward(self, inputs, labels, **kwargs)
         objective = objective or "ar"
         head = self._head(objective)
-        if labels is not None and objective == "nat":
-            loss, logits, outputs = nat_loss(self, inputs, labels, **kwargs)
-            return AgillmCausalLMOutputWithPast(
-                loss=loss, logits=logits, objective_losses={"nat": loss}, hidden_states=outputs.hidden_states,
-                attentions=outputs.attentions, router_logits=outputs.get("router_logits"),
-            )
+        if labels is not None and objective == "nat":  # NAT hides tokens itself and runs its own pass
+            return nat_forward(self, inputs, labels, **kwargs)
 
-        # Router losses only where a decoder layer routes: a dense model asked for router logits (TRL asks any
-        # config with the flag) records an empty tuple and adds no loss.
-        routes = "sparse" in self.config.mlp_layer_types
-        wants_aux_loss = routes and kwargs.get("output_router_logits", self.config.output_router_logits)
-        updates_router_bias = self.training and routes and self.config.router_bias_update_rate > 0
-        if wants_aux_loss or updates_router_bias:
-            kwargs["output_router_indices"] = True  # which experts were chosen, for the losses and the bias update
+        wants_aux_loss, updates_router_bias = self._request_router_outputs(kwargs)
         outputs: BaseModelOutputWithPast = self.model(
             **inputs, past_key_values=past_key_values, use_cache=use_cache, objective=objective, **kwargs
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        gate_logits = None
-        if labels is not None and uses_chunked_cross_entropy(self):
-            logits = None  # the loss projects `hidden_states` chunk by chunk
-            gate_logits = head.gate(hidden_states) if objective == "sat" else None
-        elif objective == "sat":
-            logits, gate_logits = head(hidden_states)
-        else:
-            logits = head(hidden_states)
+        logits, gate_logits = self._head_logits(objective, head, hidden_states, computes_loss=labels is not None)
 
-        loss = aux_loss = None
-        objective_losses = {}
+        loss, objective_losses = None, {}
         if labels is not None:
-            loss = ar_loss(self, logits, labels, hidden_states, **kwargs) if objective == "ar" else sat_loss(
-                self, logits, gate_logits, labels, hidden_states
+            loss, objective_losses = head_loss(
+                self, objective, inputs, labels, logits, gate_logits, hidden_states, outputs.last_hidden_state, **kwargs
             )
-            objective_losses[objective] = loss
-            if objective == "ar" and self.config.num_mtp_layers:
-                objective_losses["mtp"] = mtp_loss(self, inputs, outputs.last_hidden_state, labels)
-                loss = loss + self.config.mtp_loss_weight * objective_losses["mtp"]
         if updates_router_bias:
             self._update_router_biases(outputs.router_indices, attention_mask)
-        if wants_aux_loss:
-            aux_loss = self._router_aux_loss(outputs, attention_mask)
-            if loss is not None:
-                loss = loss + aux_loss
+        aux_loss = self._router_aux_loss(outputs, attention_mask) if wants_aux_loss else None
+        if aux_loss is not None and loss is not None:
+            loss = loss + aux_loss
         return AgillmCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -972,7 +952,41 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
             aux_loss=aux_loss,
         )
 
+    @staticmethod
+    def _aligned_labels(labels, tokens, kwargs: dict):
+        """`labels` aligned with the input tokens, checked; rebuilt from `shift_labels` under sequence parallelism."""
+        if labels is not None and kwargs.get("shift_labels") is not None:
+            # Sequence-parallel training hands over next-token targets already aligned (`shift_labels[t]` is the
+            # token at t + 1); every objective then reads its targets from them, never from the unsharded `labels`.
+            labels = F.pad(kwargs["shift_labels"][:, :-1], (1, 0), value=-100)
+        if labels is not None and tokens is not None and tuple(labels.shape) != tuple(tokens.shape[:2]):
+            raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(tokens.shape[:2])}: one "
+                             "target per input token, aligned with input_ids (the objectives shift them).")
+        return labels
+
+    def _head_logits(self, objective: str, head: nn.Module, hidden_states, computes_loss: bool):
+        """(logits, SAT gate logits or None). Training with chunked cross-entropy makes no logits: the loss projects
+        `hidden_states` chunk by chunk."""
+        if computes_loss and uses_chunked_cross_entropy(self):
+            return None, head.gate(hidden_states) if objective == "sat" else None
+        if objective == "sat":
+            return head(hidden_states)
+        return head(hidden_states), None
+
     # ----------------------------------------------------------------------------------------------- MoE, MTP
+
+    def _request_router_outputs(self, kwargs: dict) -> tuple[bool, bool]:
+        """(wants the router losses, updates the balancing bias), asking the trunk for the chosen experts if either.
+
+        Router losses only where a decoder layer routes: a dense model asked for router logits (TRL asks any config
+        with the flag) records an empty tuple and adds no loss.
+        """
+        routes = "sparse" in self.config.mlp_layer_types
+        wants_aux_loss = routes and kwargs.get("output_router_logits", self.config.output_router_logits)
+        updates_router_bias = self.training and routes and self.config.router_bias_update_rate > 0
+        if wants_aux_loss or updates_router_bias:
+            kwargs["output_router_indices"] = True  # which experts were chosen, for the losses and the bias update
+        return wants_aux_loss, updates_router_bias
 
     def _routers(self) -> list[AgillmRouter]:
         """The routers of the decoder layers, in the order they run (= the order their outputs are recorded)."""

@@ -1,10 +1,10 @@
 """AGILLM's mixture-of-experts layer: router, experts, the sparse block, and the router losses.
 
 `AgillmSparseMoeBlock` = a router (`ROUTER_CLASSES[config.router_type]`, subclasses of `AgillmRouter`: scores,
-picks `num_experts_per_tok` experts per token) + experts as 3-D parameters (`AgillmExperts` gated, `AgillmPlainExperts` with biases), which
-transformers' `ExpertsInterface` can swap for grouped kernels (`@use_experts_implementation`), + an optional shared
-expert. `DocumentRouting` is the per-forward state of `router_scope="document"`. A remote-code sibling of
-`modeling_agillm.py`.
+picks `num_experts_per_tok` experts per token) + experts as 3-D parameters (`AgillmExperts` gated,
+`AgillmPlainExperts` with biases), which transformers' `ExpertsInterface` can swap for grouped kernels
+(`@use_experts_implementation`), + an optional shared expert. `DocumentRouting` is the per-forward state of
+`router_scope="document"`. A remote-code sibling of `modeling_agillm.py`.
 """
 
 from dataclasses import dataclass

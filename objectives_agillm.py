@@ -337,3 +337,29 @@ def draft_losses(model, inputs: dict, labels: torch.Tensor, **kwargs) -> tuple[d
         losses["mtp"] = mtp_loss(model, inputs, clean_hidden, labels)
         losses["ar"] = losses["ar"] + model.config.mtp_loss_weight * losses["mtp"]
     return losses, AgillmCausalLMOutputWithPast(logits=logits, hidden_states=outputs.hidden_states)
+
+
+def head_loss(model, objective: str, inputs: dict, labels, logits, gate_logits, hidden_states, trunk_hidden, **kwargs):
+    """(loss, each objective's loss) of one AR or SAT pass; AR adds the MTP loss when the model has MTP modules.
+
+    `hidden_states` are the rows the head projected (chunked cross-entropy reads them), `trunk_hidden` the trunk's
+    whole final hidden state (the MTP modules' input).
+    """
+    if objective == "ar":
+        loss = ar_loss(model, logits, labels, hidden_states, **kwargs)
+    else:
+        loss = sat_loss(model, logits, gate_logits, labels, hidden_states)
+    losses = {objective: loss}
+    if objective == "ar" and model.config.num_mtp_layers:
+        losses["mtp"] = mtp_loss(model, inputs, trunk_hidden, labels)
+        loss = loss + model.config.mtp_loss_weight * losses["mtp"]
+    return loss, losses
+
+
+def nat_forward(model, inputs: dict, labels, **kwargs) -> AgillmCausalLMOutputWithPast:
+    """`forward(objective="nat", labels=...)`: the NAT loss and logits of its own noised pass."""
+    loss, logits, outputs = nat_loss(model, inputs, labels, **kwargs)
+    return AgillmCausalLMOutputWithPast(
+        loss=loss, logits=logits, objective_losses={"nat": loss}, hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions, router_logits=outputs.get("router_logits"),
+    )
