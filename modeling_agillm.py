@@ -83,7 +83,6 @@ try:  # a saved model folder (remote code): sibling modules of the same package
         stack_frames,
     )
     from .objectives_agillm import (
-        OBJECTIVE_HEADS,
         OBJECTIVES,
         AgillmCausalLMOutputWithPast,
         AgillmSATHead,
@@ -123,7 +122,6 @@ except ImportError:  # this repository, imported as top-level modules
         stack_frames,
     )
     from objectives_agillm import (
-        OBJECTIVE_HEADS,
         OBJECTIVES,
         AgillmCausalLMOutputWithPast,
         AgillmSATHead,
@@ -621,7 +619,7 @@ class AgillmModel(AgillmPreTrainedModel):
         if block_sequence_ids is not None:  # AR with images/audio: their placeholder runs are bidirectional blocks
             mask_kwargs["block_sequence_ids"] = block_sequence_ids
         if objective != "ar":  # SAT, block NAT: tokens of one block see each other, earlier blocks causally
-            block_size = config.sat_block_size if objective == "sat" else config.nat_block_size
+            block_size = getattr(config, OBJECTIVES[objective].block_size_field)
             kv_length = self._kv_length(inputs_embeds, attention_mask, past_key_values)
             batch_size = inputs_embeds.shape[0]
             key_positions = self._key_positions(attention_mask, past_key_values, position_ids, batch_size, kv_length)
@@ -871,7 +869,7 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
             raise ValueError(f"objective must be one of {list(OBJECTIVES)} or None, got {objective!r}.")
         if objective not in self.config.heads:
             raise ValueError(f"This model has no {objective!r} head (config.heads={self.config.heads}).")
-        return getattr(self, OBJECTIVE_HEADS[objective])
+        return getattr(self, OBJECTIVES[objective].head)
 
     @can_return_tuple
     @auto_docstring

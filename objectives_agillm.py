@@ -34,10 +34,28 @@ except ImportError:  # this repository, imported as top-level modules
     from losses_agillm import head_cross_entropy
 
 
-# Each objective's head on `AgillmForCausalLM`. The objective also names the attention pattern the head is trained
-# and decoded with (`AgillmModel.attention_masks`).
-OBJECTIVE_HEADS = {"ar": "lm_head", "sat": "sat_head", "nat": "nat_head"}
-OBJECTIVES = tuple(OBJECTIVE_HEADS)
+@dataclass(frozen=True)
+class Objective:
+    """What `forward(objective=name)` runs, and what else reads the same head.
+
+    head: the head's attribute on `AgillmForCausalLM`.
+    block_size_field: the config field giving the attention blocks the head is trained and decoded with (tokens of
+        a block see each other, earlier blocks causally; `AgillmModel.attention_masks`). None: causal (AR). NAT with
+        `nat_block_size=None` attends both ways over the whole sequence.
+    generation_modes: the `generate(generation_mode=...)` decoders that read this head (`generation_agillm.py`;
+        "ar" is plain `generate`).
+    """
+
+    head: str
+    block_size_field: str | None
+    generation_modes: tuple[str, ...]
+
+
+OBJECTIVES = {
+    "ar": Objective("lm_head", None, ("ar", "staged", "verify_and_draft")),
+    "sat": Objective("sat_head", "sat_block_size", ("sat", "staged")),
+    "nat": Objective("nat_head", "nat_block_size", ("nat_mask_predict", "nat_block", "staged", "verify_and_draft")),
+}
 
 
 @dataclass

@@ -11,7 +11,8 @@ from configuration_agillm import AgillmConfig
 from layers_agillm import alibi_bias, alibi_slopes
 from modeling_agillm import AgillmForCausalLM
 from moe_agillm import ROUTER_CLASSES, AgillmPlainExperts
-from objectives_agillm import clean_and_noised_pass, sat_gate_loss
+from generation_agillm import GENERATION_MODES
+from objectives_agillm import OBJECTIVES, clean_and_noised_pass, sat_gate_loss
 
 
 def tiny_config(**overrides) -> AgillmConfig:
@@ -169,6 +170,17 @@ def test_bidirectional_nat_sees_the_future():
         first = model(tokens, objective="nat").logits[0, 0]
         second = model(changed, objective="nat").logits[0, 0]
     assert not torch.allclose(first, second)
+
+
+def test_objective_registry_names_each_head_its_blocks_and_every_decoder():
+    """`objectives_agillm.OBJECTIVES` is the one table: the head `forward(objective=...)` runs, the config field of
+    its attention blocks, and the decoders reading it; every decoder `generate` offers is listed under some head."""
+    model = AgillmForCausalLM(tiny_config()).eval()
+    for name, objective in OBJECTIVES.items():
+        assert model._head(name) is getattr(model, objective.head)
+        assert objective.block_size_field is None or hasattr(model.config, objective.block_size_field)
+    listed = {mode for objective in OBJECTIVES.values() for mode in objective.generation_modes}
+    assert listed == {"ar", *GENERATION_MODES}
 
 
 # --------------------------------------------------------------------------------------------------- MoE, tie_kv
