@@ -28,6 +28,18 @@ def bench_parser(name: str, description: str, quick_help: str) -> argparse.Argum
     return parser
 
 
+def add_repeats_option(parser: argparse.ArgumentParser, defaults: str) -> None:
+    """`--repeats N` (N >= 1): timed rounds, for the benches that time interleaved rounds; None keeps the plan's."""
+    parser.add_argument("--repeats", type=_positive_int, default=None, help=f"timed rounds (default: {defaults})")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def parse_bench_args(parser: argparse.ArgumentParser, name: str, argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.threads < 1:

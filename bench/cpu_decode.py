@@ -37,7 +37,7 @@ from kernels.exported_decoder import ExportedDecoder
 from kernels.quantized_linear import _WeightOnlyLinear, quantize_weights
 from modeling_agillm import AgillmForCausalLM
 
-from .cli import BENCH_DIR, REPO_ROOT, bench_parser, parse_bench_args, write_report
+from .cli import BENCH_DIR, REPO_ROOT, add_repeats_option, bench_parser, parse_bench_args, write_report
 from .compare_llama import machine_info
 from .setups import SETUPS, build_model
 from .timing import DecodeClock
@@ -465,17 +465,14 @@ def matmul_floor_report(rows: list[dict]) -> str:
 
 def parse_args(argv=None):
     parser = bench_parser("cpu_decode", __doc__.splitlines()[0], "small random model, 16 tokens, 2 rounds")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, 2 with --quick)")
+    add_repeats_option(parser, "5, 2 with --quick")
     parser.add_argument("--compile-mode", default=None, help="CompileConfig mode (default: CompileConfig's own)")
     parser.add_argument(
         "--llama-cpp-python", default=os.environ.get("LLAMA_CPP_PYTHON"),
         help="a Python interpreter with llama-cpp-python installed (default: $LLAMA_CPP_PYTHON); without it the "
         "llama.cpp rows are skipped",
     )
-    args = parse_bench_args(parser, "cpu_decode", argv)
-    if args.repeats is not None and args.repeats < 1:
-        parser.error("--repeats must be >= 1")
-    return args
+    return parse_bench_args(parser, "cpu_decode", argv)
 
 
 def main(argv=None) -> dict:

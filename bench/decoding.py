@@ -32,7 +32,7 @@ from transformers import AutoTokenizer, GenerationConfig
 from corpus.shakespeare import HELD_OUT_PLAYS, load_plays
 from modeling_agillm import AgillmForCausalLM
 
-from .cli import REPO_ROOT, bench_parser, parse_bench_args, write_report
+from .cli import REPO_ROOT, add_repeats_option, bench_parser, parse_bench_args, write_report
 from .compare_llama import machine_info
 from .timing import interleaved
 
@@ -441,11 +441,8 @@ def markdown_report(rows, checks, diagnostics, setup_lines, prompts, quick: bool
 def parse_args(argv=None) -> argparse.Namespace:
     parser = bench_parser("decoding", __doc__.splitlines()[0], quick_help="2 prompts, 16 new tokens, 1 timed round")
     parser.add_argument("--model", type=Path, default=REPO_ROOT / MODEL_DIR_TEXT, help=f"default: {MODEL_DIR_TEXT}")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 5, 1 with --quick)")
-    args = parse_bench_args(parser, "decoding", argv)
-    if args.repeats is not None and args.repeats < 1:
-        parser.error("--repeats must be >= 1")
-    return args
+    add_repeats_option(parser, "5, 1 with --quick")
+    return parse_bench_args(parser, "decoding", argv)
 
 
 def main(argv=None) -> dict:
