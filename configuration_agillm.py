@@ -27,7 +27,7 @@ AGILLM_QK_NORM_TYPES = ("learned", "unweighted_post_rope")
 AGILLM_HEADS = ("ar", "sat", "nat")
 # DiffusionBlocks settings (`diffusion_blocks`) and their defaults: AGILLM 4.x's `--dblock_*` defaults, except
 # `reconstruction_weight` and `embedding_scale` (new; 0 and None are AGILLM 4.x). `layer_groups` and `objectives`
-# default per model (see `_check_diffusion_blocks`); `sigma_bands` is always derived. See diffusion_blocks_agillm.py.
+# default per model (see `check_diffusion_blocks`); `sigma_bands` is always derived. See diffusion_blocks_agillm.py.
 DIFFUSION_BLOCKS_DEFAULTS = {
     "sigma_min": 0.002,
     "sigma_max": 80.0,
@@ -721,7 +721,7 @@ class AgillmConfig(PreTrainedConfig):
         self._check_attention_variants()
         self._check_mtp()
         self._check_heads()
-        self._check_diffusion_blocks()
+        self.check_diffusion_blocks()
         self._check_multimodal()
         try:  # transformers' own check; a missing key surfaces as KeyError there
             self.validate_rope()
@@ -910,7 +910,7 @@ class AgillmConfig(PreTrainedConfig):
             plan.update({f"layers.*.mlp.shared_expert.{name}": style for name, style in shared.items()})
         return plan
 
-    def _check_diffusion_blocks(self) -> None:
+    def check_diffusion_blocks(self) -> None:
         """Complete `diffusion_blocks` with its defaults and derived values, then validate it (idempotent).
 
         Also called when a model is built, since `from_pretrained(..., diffusion_blocks=...)` sets the field after

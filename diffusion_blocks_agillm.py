@@ -133,7 +133,7 @@ class DiffusionBlocksState(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        config._check_diffusion_blocks()  # `from_pretrained(..., diffusion_blocks=...)` sets it after __post_init__
+        config.check_diffusion_blocks()  # `from_pretrained(..., diffusion_blocks=...)` sets it after __post_init__
         self.config = config
         self.num_groups = len(config.diffusion_blocks["layer_groups"])
         self.last_group: int | None = None  # the latest step's group and noise levels, for logging

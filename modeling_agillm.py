@@ -89,6 +89,7 @@ try:  # a saved model folder (remote code): sibling modules of the same package
         head_loss,
         multi_objective_forward,
         nat_forward,
+        trained_objectives,
         uses_chunked_cross_entropy,
     )
     from .vqvae_agillm import AgillmVQVAE
@@ -128,6 +129,7 @@ except ImportError:  # this repository, imported as top-level modules
         head_loss,
         multi_objective_forward,
         nat_forward,
+        trained_objectives,
         uses_chunked_cross_entropy,
     )
     from vqvae_agillm import AgillmVQVAE
@@ -856,13 +858,10 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
     @property
     def accepts_loss_kwargs(self) -> bool:
         """`Trainer` passes `num_items_in_batch` only where the loss honours it: the plain AR loss."""
-        plain_ar = self._training_objectives() == ["ar"] and not self.config.label_smoothing_for("ar")
+        plain_ar = trained_objectives(self.config) == ["ar"] and not self.config.label_smoothing_for("ar")
         extra_losses = self.config.num_mtp_layers or (self.config.num_experts and self.config.output_router_logits)
         # DiffusionBlocks, MTP and router losses are per-batch means
         return plain_ar and self.config.diffusion_blocks is None and not extra_losses
-
-    def _training_objectives(self) -> list[str]:
-        return [name for name, weight in self.config.objective_weights.items() if weight > 0]
 
     def _head(self, objective: str) -> nn.Module:
         if objective not in OBJECTIVES:
@@ -914,7 +913,7 @@ class AgillmForCausalLM(AgillmPreTrainedModel, GenerationMixin):
         if labels is not None and objective is None:  # training: every objective the config weights
             if self.training and self.config.diffusion_blocks is not None:
                 return diffusion_blocks_training_step(self, inputs, labels, **kwargs)  # one layer group per step
-            if self._training_objectives() != ["ar"]:
+            if trained_objectives(self.config) != ["ar"]:
                 return multi_objective_forward(self, inputs, labels, **kwargs)
         objective = objective or "ar"
         head = self._head(objective)
@@ -1093,7 +1092,7 @@ class AgillmForConditionalGeneration(AgillmForCausalLM):
         media = {"pixel_values": pixel_values, "input_features": input_features,
                  "feature_attention_mask": feature_attention_mask}
         media = {name: value for name, value in media.items() if value is not None}
-        if media and (objective not in (None, "ar") or (labels is not None and self._training_objectives() != ["ar"])):
+        if media and (objective not in (None, "ar") or (labels is not None and trained_objectives(self.config) != ["ar"])):
             raise ValueError("Images and audio run through the AR head only: use objective='ar' and "
                              "config.objective_weights with only 'ar' when training on media.")
         return super().forward(

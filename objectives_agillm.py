@@ -58,6 +58,11 @@ OBJECTIVES = {
 }
 
 
+def trained_objectives(config: AgillmConfig) -> list[str]:
+    """The objectives training optimises: those with a positive weight in `config.objective_weights`."""
+    return [name for name, weight in config.objective_weights.items() if weight > 0]
+
+
 @dataclass
 class AgillmCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
@@ -120,7 +125,7 @@ def multi_objective_forward(model, inputs: dict, labels: torch.Tensor, **kwargs)
     """`sum_o weight_o * loss_o`, one trunk pass per objective (each needs its own attention pattern)."""
     kwargs.pop("num_items_in_batch", None)  # each objective averages over its own targets
     losses, ar_output = {}, None
-    objectives = model._training_objectives()
+    objectives = trained_objectives(model.config)
     if model.config.nat_objective == "draft" and {"ar", "nat"} <= set(objectives):
         # TiDAR layout: one pass gives both the AR loss (clean half) and the NAT loss (all-mask half)
         losses, ar_output = draft_losses(model, inputs, labels, **kwargs)
