@@ -106,6 +106,8 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoot
 
 
 # --------------------------------------------------------------------------------------------------- losses
+# Each objective's loss first, then what combines them: one head pass (`head_loss`), NAT's own pass (`nat_forward`),
+# the draft layout and the weighted sum (`multi_objective_forward`).
 
 
 def uses_chunked_cross_entropy(model) -> bool:
@@ -119,32 +121,6 @@ def projected_cross_entropy(model, projection: nn.Linear, hidden_states, targets
         projection, hidden_states, targets, chunk_size=model.config.cross_entropy_chunk_size,
         label_smoothing=label_smoothing, **kwargs,
     )  # fmt: skip
-
-
-def multi_objective_forward(model, inputs: dict, labels: torch.Tensor, **kwargs) -> AgillmCausalLMOutputWithPast:
-    """`sum_o weight_o * loss_o`, one trunk pass per objective (each needs its own attention pattern)."""
-    kwargs.pop("num_items_in_batch", None)  # each objective averages over its own targets
-    losses, ar_output = {}, None
-    objectives = trained_objectives(model.config)
-    if model.config.nat_objective == "draft" and {"ar", "nat"} <= set(objectives):
-        # TiDAR layout: one pass gives both the AR loss (clean half) and the NAT loss (all-mask half)
-        losses, ar_output = draft_losses(model, inputs, labels, **kwargs)
-        objectives = [name for name in objectives if name not in ("ar", "nat")]
-    for objective in objectives:
-        # The class's forward, not `model(...)`: wrappers that engines install on the instance (accelerate's
-        # mixed-precision `torch.autocast` around `model.forward`, offload hooks) already wrap this call, and
-        # re-entering the same autocast object from inside itself leaves autocast switched on after training.
-        output = type(model).forward(model, **inputs, labels=labels, objective=objective, use_cache=False, **kwargs)
-        losses[objective] = output.loss
-        if objective == "ar":
-            ar_output = output
-    loss = sum(weight * losses[name] for name, weight in model.config.objective_weights.items() if name in losses)
-    return AgillmCausalLMOutputWithPast(
-        loss=loss,
-        logits=ar_output.logits if ar_output is not None else None,
-        objective_losses=losses,
-        hidden_states=ar_output.hidden_states if ar_output is not None else None,
-    )
 
 
 def ar_loss(model, logits: torch.Tensor | None, labels: torch.Tensor, hidden_states=None, **kwargs):
@@ -303,6 +279,7 @@ def nat_loss(model, inputs: dict, labels: torch.Tensor, **kwargs):
 
 
 def clean_and_noised_pass(model, inputs: dict, noised: torch.Tensor, **kwargs) -> BaseModelOutputWithPast:
+    """The trunk over [clean ids ; noised ids] at the same positions, with block NAT's mask (see `nat_loss`)."""
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
     batch, seq_len = input_ids.shape
     position_ids = inputs["position_ids"]
@@ -346,22 +323,6 @@ def clean_and_noised_pass(model, inputs: dict, noised: torch.Tensor, **kwargs) -
     )
 
 
-def draft_losses(model, inputs: dict, labels: torch.Tensor, **kwargs) -> tuple[dict, AgillmCausalLMOutputWithPast]:
-    """`nat_objective="draft"`: the AR loss (+ MTP) and the NAT loss from ONE pass over [clean ; all masks].
-
-    The clean half is causal and never sees a mask token, so its hidden states, AR loss and MTP loss are those of
-    a plain AR pass; the mask half is the NAT draft of every block given the clean blocks before it.
-    """
-    nat, _, outputs = nat_loss(model, inputs, labels, **kwargs)
-    clean_hidden = outputs.last_hidden_state[:, : labels.shape[1]]
-    logits = None if uses_chunked_cross_entropy(model) else model.lm_head(clean_hidden)
-    losses = {"ar": ar_loss(model, logits, labels, clean_hidden), "nat": nat}
-    if model.config.num_mtp_layers:
-        losses["mtp"] = mtp_loss(model, inputs, clean_hidden, labels)
-        losses["ar"] = losses["ar"] + model.config.mtp_loss_weight * losses["mtp"]
-    return losses, AgillmCausalLMOutputWithPast(logits=logits, hidden_states=outputs.hidden_states)
-
-
 def head_loss(model, objective: str, inputs: dict, labels, logits, gate_logits, hidden_states, trunk_hidden, **kwargs):
     """(loss, each objective's loss) of one AR or SAT pass; AR adds the MTP loss when the model has MTP modules.
 
@@ -385,4 +346,46 @@ def nat_forward(model, inputs: dict, labels, **kwargs) -> AgillmCausalLMOutputWi
     return AgillmCausalLMOutputWithPast(
         loss=loss, logits=logits, objective_losses={"nat": loss}, hidden_states=outputs.hidden_states,
         attentions=outputs.attentions, router_logits=outputs.get("router_logits"),
+    )
+
+
+def draft_losses(model, inputs: dict, labels: torch.Tensor, **kwargs) -> tuple[dict, AgillmCausalLMOutputWithPast]:
+    """`nat_objective="draft"`: the AR loss (+ MTP) and the NAT loss from ONE pass over [clean ; all masks].
+
+    The clean half is causal and never sees a mask token, so its hidden states, AR loss and MTP loss are those of
+    a plain AR pass; the mask half is the NAT draft of every block given the clean blocks before it.
+    """
+    nat, _, outputs = nat_loss(model, inputs, labels, **kwargs)
+    clean_hidden = outputs.last_hidden_state[:, : labels.shape[1]]
+    logits = None if uses_chunked_cross_entropy(model) else model.lm_head(clean_hidden)
+    losses = {"ar": ar_loss(model, logits, labels, clean_hidden), "nat": nat}
+    if model.config.num_mtp_layers:
+        losses["mtp"] = mtp_loss(model, inputs, clean_hidden, labels)
+        losses["ar"] = losses["ar"] + model.config.mtp_loss_weight * losses["mtp"]
+    return losses, AgillmCausalLMOutputWithPast(logits=logits, hidden_states=outputs.hidden_states)
+
+
+def multi_objective_forward(model, inputs: dict, labels: torch.Tensor, **kwargs) -> AgillmCausalLMOutputWithPast:
+    """`sum_o weight_o * loss_o`, one trunk pass per objective (each needs its own attention pattern)."""
+    kwargs.pop("num_items_in_batch", None)  # each objective averages over its own targets
+    losses, ar_output = {}, None
+    objectives = trained_objectives(model.config)
+    if model.config.nat_objective == "draft" and {"ar", "nat"} <= set(objectives):
+        # TiDAR layout: one pass gives both the AR loss (clean half) and the NAT loss (all-mask half)
+        losses, ar_output = draft_losses(model, inputs, labels, **kwargs)
+        objectives = [name for name in objectives if name not in ("ar", "nat")]
+    for objective in objectives:
+        # The class's forward, not `model(...)`: wrappers that engines install on the instance (accelerate's
+        # mixed-precision `torch.autocast` around `model.forward`, offload hooks) already wrap this call, and
+        # re-entering the same autocast object from inside itself leaves autocast switched on after training.
+        output = type(model).forward(model, **inputs, labels=labels, objective=objective, use_cache=False, **kwargs)
+        losses[objective] = output.loss
+        if objective == "ar":
+            ar_output = output
+    loss = sum(weight * losses[name] for name, weight in model.config.objective_weights.items() if name in losses)
+    return AgillmCausalLMOutputWithPast(
+        loss=loss,
+        logits=ar_output.logits if ar_output is not None else None,
+        objective_losses=losses,
+        hidden_states=ar_output.hidden_states if ar_output is not None else None,
     )
