@@ -8,10 +8,23 @@ conventions (the Llama/Qwen3/Llama4 names), so configs of those families map ont
 import math
 from statistics import NormalDist
 
-from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
-from transformers.modeling_rope_utils import RopeParameters
+import transformers
+
+
+# The APIs this file and its siblings use exist from transformers 5 on. Older versions would fail on the imports
+# below with a bare ImportError naming some class; say what is wrong instead (this file is the first one a
+# remote-code load runs).
+REQUIRED_TRANSFORMERS_MAJOR = 5
+if int(transformers.__version__.split(".")[0]) < REQUIRED_TRANSFORMERS_MAJOR:
+    raise ImportError(
+        f"AGILLM needs transformers {REQUIRED_TRANSFORMERS_MAJOR}.x (tested with 5.23.0); this environment has "
+        f"transformers {transformers.__version__}. Upgrade it: pip install -U 'transformers>=5,<6'"
+    )
+
+from huggingface_hub.dataclasses import strict  # noqa: E402
+from transformers import PreTrainedConfig  # noqa: E402
+from transformers.configuration_utils import SubConfigSpec  # noqa: E402
+from transformers.modeling_rope_utils import RopeParameters  # noqa: E402
 
 
 # Attention kinds a layer can have; names are transformers' own layer types, so `DynamicCache(config=...)`,

@@ -1,5 +1,10 @@
 """Bad input fails early and says what is wrong: invalid configs, bad ids, over-long input, mismatched checkpoints."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -128,3 +133,17 @@ def test_mismatched_shapes_load_only_when_explicitly_ignored(make_model, make_co
     for name, weight in loaded.state_dict().items():
         if ".mlp." not in name:
             assert torch.equal(weight, original_weights[name]), f"{name} was not loaded"
+
+
+def test_transformers_older_than_5_gets_a_clear_error(tmp_path):
+    """The config file (the first file a remote-code load runs) names the version it needs instead of failing on
+    some import with a bare ImportError. A stand-in `transformers` 4.57.1 package shadows the real one."""
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "transformers").mkdir()
+    (tmp_path / "transformers" / "__init__.py").write_text('__version__ = "4.57.1"\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(repo)])}
+    result = subprocess.run([sys.executable, "-c", "import configuration_agillm"], env=env, capture_output=True,
+                            text=True, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "ImportError: AGILLM needs transformers 5.x (tested with 5.23.0)" in result.stderr
+    assert "this environment has transformers 4.57.1" in result.stderr
