@@ -98,6 +98,22 @@ def attend(module: nn.Module, query, key, value, attention_mask, **kwargs) -> tu
     )
 
 
+class AttentionBackendSupport:
+    """What every AGILLM model (the decoder and the media towers, all attending through `attend`) tells transformers'
+    `PreTrainedModel` about attention backends. transformers allows `set_attn_implementation` only where it finds
+    `ALL_ATTENTION_FUNCTIONS.get_interface(` in the model class's own file; that call is here, so the answer is
+    given explicitly. Listed before `PreTrainedModel` in the bases, so these values win."""
+
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        return True
+
+
 def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama 4's query/key norm: RMS normalisation without a weight, computed in fp32."""
     x32 = x.float()

@@ -56,6 +56,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 try:  # a saved model folder (remote code): sibling modules of the same package
     from .attention_agillm import (
         MASK_BUILDERS,
+        AttentionBackendSupport,
         AgillmAttention,
         AgillmMLAttention,
         SharedKV,
@@ -96,6 +97,7 @@ try:  # a saved model folder (remote code): sibling modules of the same package
 except ImportError:  # this repository, imported as top-level modules
     from attention_agillm import (
         MASK_BUILDERS,
+        AttentionBackendSupport,
         AgillmAttention,
         AgillmMLAttention,
         SharedKV,
@@ -214,17 +216,13 @@ class AgillmMTPLayer(AgillmDecoderLayer):
 
 
 @auto_docstring
-class AgillmPreTrainedModel(PreTrainedModel):
+class AgillmPreTrainedModel(AttentionBackendSupport, PreTrainedModel):
     config: AgillmConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["AgillmDecoderLayer", "AgillmMTPLayer", "AgillmEncoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
-    _supports_flash_attn = True
-    _supports_sdpa = True
-    _supports_flex_attn = True
     _can_compile_fullgraph = True
-    _supports_attention_backend = True
     _can_record_outputs = {
         "hidden_states": AgillmDecoderLayer,
         "attentions": [OutputRecorder(AgillmAttention, index=1), OutputRecorder(AgillmMLAttention, index=1)],
@@ -232,13 +230,8 @@ class AgillmPreTrainedModel(PreTrainedModel):
         "router_indices": OutputRecorder(AgillmRouter, index=2),  # the chosen experts, for the balancing losses
     }
 
-    # transformers decides whether `set_attn_implementation` / `set_experts_implementation` may switch a model by
-    # reading the model class's own file for `ALL_ATTENTION_FUNCTIONS.get_interface(` / `@use_experts_implementation`.
-    # AGILLM's attention and experts use both, from their own files (attention_agillm.py, moe_agillm.py).
-    @classmethod
-    def _can_set_attn_implementation(cls) -> bool:
-        return True
-
+    # transformers allows `set_experts_implementation` only where it finds `@use_experts_implementation` in the model
+    # class's own file; AGILLM's experts are in moe_agillm.py (the attention twin: `AttentionBackendSupport`).
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
         return True

@@ -29,10 +29,10 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 
 try:  # a saved model folder (remote code): sibling modules of the same package
-    from .attention_agillm import attend
+    from .attention_agillm import AttentionBackendSupport, attend
     from .configuration_agillm import AgillmAudioConfig, AgillmVisionConfig
 except ImportError:  # this repository, imported as top-level modules
-    from attention_agillm import attend
+    from attention_agillm import AttentionBackendSupport, attend
     from configuration_agillm import AgillmAudioConfig, AgillmVisionConfig
 
 
@@ -112,22 +112,14 @@ ENCODER_RECORDED_OUTPUTS = {
 }
 
 
-class AgillmEncoderPreTrainedModel(PreTrainedModel):
+class AgillmEncoderPreTrainedModel(AttentionBackendSupport, PreTrainedModel):
     """Base of the image and speech towers: the attention backends and gradient checkpointing of the decoder's
     `AgillmPreTrainedModel`, for an encoder whose blocks are `AgillmEncoderLayer`s."""
 
     supports_gradient_checkpointing = True
     _no_split_modules = ["AgillmEncoderLayer"]
-    _supports_flash_attn = True
-    _supports_sdpa = True
-    _supports_flex_attn = True
     _can_compile_fullgraph = True
-    _supports_attention_backend = True
     _can_record_outputs = ENCODER_RECORDED_OUTPUTS
-
-    @classmethod
-    def _can_set_attn_implementation(cls) -> bool:  # see `AgillmPreTrainedModel`: `attend` is in attention_agillm.py
-        return True
 
 
 class AgillmVisionModel(AgillmEncoderPreTrainedModel):

@@ -20,8 +20,8 @@ Limits, each a clear error: batch 1 without padding; prompt + new tokens <= `max
 (no beam search or assisted decoding); `return_dict_in_generate` is not supported. Streamers: transformers 5.23
 does not hand `streamer` to a callable `custom_generate` (`_extract_generation_mode_kwargs` keeps only the callable's
 own extra arguments), so a streamer passed to `generate` sees the prompt and nothing else; the loop streams if a
-later transformers passes it on. The package records a fingerprint
-of the weights it was compiled from, and `generate` refuses a model whose weights differ.
+later transformers passes it on. The package records a fingerprint of the weights it was compiled from, and
+`generate` refuses a model whose weights differ.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         sample = tensor.detach().flatten()[::FINGERPRINT_STRIDE]
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(sample.to(torch.float64).cpu().numpy().tobytes())  # exact for floats and for integers below 2**53
+        # float64 holds every float value and every integer below 2**53 exactly
+        digest.update(sample.to(torch.float64).cpu().numpy().tobytes())
     return digest.hexdigest()[:32]
 
 
