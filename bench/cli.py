@@ -28,9 +28,10 @@ def bench_parser(name: str, description: str, quick_help: str) -> argparse.Argum
     return parser
 
 
-def add_repeats_option(parser: argparse.ArgumentParser, defaults: str) -> None:
-    """`--repeats N` (N >= 1): timed rounds, for the benches that time interleaved rounds; None keeps the plan's."""
-    parser.add_argument("--repeats", type=_positive_int, default=None, help=f"timed rounds (default: {defaults})")
+def add_repeats_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """`--repeats N` (N >= 1, checked by argparse) for the benches that repeat their timed runs; None keeps the
+    plan's own count."""
+    parser.add_argument("--repeats", type=_positive_int, default=None, help=help)
 
 
 def _positive_int(text: str) -> int:

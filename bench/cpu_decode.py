@@ -465,7 +465,7 @@ def matmul_floor_report(rows: list[dict]) -> str:
 
 def parse_args(argv=None):
     parser = bench_parser("cpu_decode", __doc__.splitlines()[0], "small random model, 16 tokens, 2 rounds")
-    add_repeats_option(parser, "5, 2 with --quick")
+    add_repeats_option(parser, "timed rounds (default 5, 2 with --quick)")
     parser.add_argument("--compile-mode", default=None, help="CompileConfig mode (default: CompileConfig's own)")
     parser.add_argument(
         "--llama-cpp-python", default=os.environ.get("LLAMA_CPP_PYTHON"),

@@ -441,7 +441,7 @@ def markdown_report(rows, checks, diagnostics, setup_lines, prompts, quick: bool
 def parse_args(argv=None) -> argparse.Namespace:
     parser = bench_parser("decoding", __doc__.splitlines()[0], quick_help="2 prompts, 16 new tokens, 1 timed round")
     parser.add_argument("--model", type=Path, default=REPO_ROOT / MODEL_DIR_TEXT, help=f"default: {MODEL_DIR_TEXT}")
-    add_repeats_option(parser, "5, 1 with --quick")
+    add_repeats_option(parser, "timed rounds (default: 5, 1 with --quick)")
     return parse_bench_args(parser, "decoding", argv)
 
 

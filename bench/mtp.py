@@ -45,7 +45,7 @@ from modeling_agillm import AgillmForCausalLM
 from objectives_agillm import mtp_loss
 from tokenizer import TOKENIZER_DIR
 
-from .cli import bench_parser, parse_bench_args, write_report
+from .cli import add_repeats_option, bench_parser, parse_bench_args, write_report
 from .compare_llama import machine_info
 from .decoding import ForwardCounter, held_out_prompts
 from .timing import interleaved, timed
@@ -539,7 +539,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--smollm2-cached-blocks", type=int, default=None,
                         help=f"training blocks whose trunk features are cached (default {Plan.smollm2_cached_blocks})")
     parser.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2 part")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3)")
+    add_repeats_option(parser, "timed rounds (default 3)")
     args = parse_bench_args(parser, "mtp", argv)
     for name in ("train_steps", "smollm2_train_steps", "smollm2_cached_blocks"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -548,8 +548,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--mtp-loss-weight must be >= 0")
     if args.depths is not None and min(args.depths) < 1:
         parser.error("--depths must be >= 1")
-    if args.repeats is not None and args.repeats < 1:
-        parser.error("--repeats must be >= 1")
     return args
 
 

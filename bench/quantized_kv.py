@@ -45,7 +45,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from kernels import quantized_kv
 from kernels.quantized_kv import QuantizedKVCache, QuantizedKVLayer, quantized_kv_attention
 
-from .cli import bench_parser, parse_bench_args, write_report
+from .cli import add_repeats_option, bench_parser, parse_bench_args, write_report
 from .compare_llama import machine_info
 from .kv_cache import cache_bytes
 
@@ -367,7 +367,7 @@ def markdown_report(rows, perplexity_rows, machine, plan: Plan, seconds: float, 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = bench_parser("quantized_kv", __doc__.splitlines()[0], quick_help="one short context, 8 steps, 2 repeats")
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="cached tokens (default 512 2048 8192)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per implementation (default 3)")
+    add_repeats_option(parser, "timed runs per implementation (default 3)")
     parser.add_argument("--perplexity", action="store_true", help="add SmolLM2's held-out perplexity (converts it)")
     return parse_bench_args(parser, "quantized_kv", argv)
 
@@ -378,7 +378,7 @@ def main(argv=None) -> dict:
     plan = Plan.quick() if args.quick else Plan()
     if args.contexts:
         plan.contexts = tuple(args.contexts)
-    if args.repeats:
+    if args.repeats is not None:
         plan.repeats = args.repeats
     plan.perplexity = args.perplexity
     start = time.perf_counter()
