@@ -2,11 +2,16 @@
 
 Every field is documented once, here, in the order the model reads it. Field names follow transformers'
 conventions (the Llama/Qwen3/Llama4 names), so configs of those families map onto AGILLM one to one
-(see `convert/`). Invalid combinations raise `ValueError` when the config is built, never later in a forward.
+(see `convert/`). Invalid configs fail when they are built or loaded, never later in a forward, the way
+transformers' own configs do (`@strict`): a value outside a field's type or choices (`Literal`) raises
+huggingface_hub's `StrictDataclassFieldValidationError`; an invalid combination raises
+`StrictDataclassClassValidationError` from the `validate_*` method that checks it. Both name the field.
+`config.validate()` re-runs the checks after edits, and `save_pretrained` runs them before writing.
 """
 
 import math
 from statistics import NormalDist
+from typing import Literal, get_args
 
 import transformers
 
@@ -21,49 +26,49 @@ if int(transformers.__version__.split(".")[0]) < REQUIRED_TRANSFORMERS_MAJOR:
         f"transformers {transformers.__version__}. Upgrade it: pip install -U 'transformers>=5,<6'"
     )
 
+from dataclasses import fields  # noqa: E402
+
 from huggingface_hub.dataclasses import strict  # noqa: E402
+from huggingface_hub.errors import StrictDataclassFieldValidationError  # noqa: E402
 from transformers import PreTrainedConfig  # noqa: E402
 from transformers.configuration_utils import SubConfigSpec  # noqa: E402
 from transformers.modeling_rope_utils import RopeParameters  # noqa: E402
 
 
+# Fields every config inherits from `PreTrainedConfig` (not settings of an AGILLM component).
+PRETRAINED_CONFIG_FIELDS = frozenset(field.name for field in fields(PreTrainedConfig))
+# Keys `to_dict()` writes beside the fields (and a legacy one `PreTrainedConfig` still reads).
+SERIALIZED_CONFIG_KEYS = frozenset({"model_type", "transformers_version", "_name_or_path", "output_attentions",
+                                    "torch_dtype"})
+
+
+# The closed choices of string fields, as transformers' configs type them (`Literal`): `@strict` checks a value on
+# every assignment. The tuples are the same choices for code that iterates over them.
 # Attention kinds a layer can have; names are transformers' own layer types, so `DynamicCache(config=...)`,
 # `StaticCache` and `masking_utils` pick the right cache layer and mask per layer without extra code.
-AGILLM_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
-AGILLM_NORM_TYPES = ("rms_norm", "layer_norm")
-AGILLM_POSITION_TYPES = ("rope", "alibi", "agillm_alibi", "none")
-AGILLM_MLP_TYPES = ("gated", "plain")
-AGILLM_ROUTER_TYPES = ("softmax_topk", "sigmoid_group_topk", "sigmoid_top1_scaled_input", "top1_straight_through")
-AGILLM_MLP_LAYER_TYPES = ("dense", "sparse")
-AGILLM_ROUTER_SCOPES = ("token", "document")
-AGILLM_QK_NORM_TYPES = ("learned", "unweighted_post_rope")
-AGILLM_HEADS = ("ar", "sat", "nat")
-# DiffusionBlocks settings (`diffusion_blocks`) and their defaults: AGILLM 4.x's `--dblock_*` defaults, except
-# `reconstruction_weight` and `embedding_scale` (new; 0 and None are AGILLM 4.x). `layer_groups` and `objectives`
-# default per model (see `check_diffusion_blocks`); `sigma_bands` is always derived. See diffusion_blocks_agillm.py.
-DIFFUSION_BLOCKS_DEFAULTS = {
-    "sigma_min": 0.002,
-    "sigma_max": 80.0,
-    "p_mean": -1.2,
-    "p_std": 1.2,
-    "sigma_data": 0.5,
-    "loss_weight_max": 5.0,
-    "sigma_curriculum_steps": 2000,
-    "sigma_stratified": True,
-    "reconstruction_weight": 1.0,
-    "embedding_scale": "sigma_data",
-    "group_choice": "loss_balanced",
-    "choice_warmup_steps": 16,
-    "choice_max_stale_steps": 64,
-    "choice_max_count_skew": 1.35,
-    "choice_explore": 0.08,
-    "choice_ema_decay": 0.96,
-    "choice_stale_bonus": 0.35,
-    "choice_undertrain_bonus": 0.25,
-    "euler_steps_per_group": 1,
-}
-DIFFUSION_BLOCKS_GROUP_CHOICES = ("loss_balanced", "round_robin", "random")
-NAT_OBJECTIVES = ("denoise", "draft")  # see `nat_objective`
+LayerType = Literal["full_attention", "sliding_attention", "chunked_attention"]
+NormType = Literal["rms_norm", "layer_norm"]
+PositionEmbeddingType = Literal["rope", "alibi", "agillm_alibi", "none"]
+MlpType = Literal["gated", "plain"]
+RouterType = Literal["softmax_topk", "sigmoid_group_topk", "sigmoid_top1_scaled_input", "top1_straight_through"]
+MlpLayerType = Literal["dense", "sparse"]
+RouterScope = Literal["token", "document"]
+QkNormType = Literal["learned", "unweighted_post_rope"]
+HeadName = Literal["ar", "sat", "nat"]
+NatObjective = Literal["denoise", "draft"]  # see `nat_objective`
+GroupChoice = Literal["loss_balanced", "round_robin", "random"]  # see `AgillmDiffusionBlocksConfig.group_choice`
+AGILLM_LAYER_TYPES = get_args(LayerType)
+AGILLM_NORM_TYPES = get_args(NormType)
+AGILLM_POSITION_TYPES = get_args(PositionEmbeddingType)
+AGILLM_MLP_TYPES = get_args(MlpType)
+AGILLM_ROUTER_TYPES = get_args(RouterType)
+AGILLM_MLP_LAYER_TYPES = get_args(MlpLayerType)
+AGILLM_ROUTER_SCOPES = get_args(RouterScope)
+AGILLM_QK_NORM_TYPES = get_args(QkNormType)
+AGILLM_HEADS = get_args(HeadName)
+NAT_OBJECTIVES = get_args(NatObjective)
+NEEDS_ONE_PARTITION = ("diffusion_blocks needs exactly one of layer_groups (list of [start, end) layer ranges) or "
+                       "num_groups (AGILLM 4.x's uniform partition).")
 DIFFUSION_BLOCKS_OBJECTIVES = ("ar", "sat")  # NAT is not an EDM objective in AGILLM 4.x (no noise level, no c_in)
 
 
@@ -137,8 +142,7 @@ class AgillmVisionConfig(PreTrainedConfig):
     attention_dropout: float | int = 0.0
     initializer_range: float = 0.02
 
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
+    def validate_architecture(self):
         _check_positive(self, "image_size", "patch_size", "num_channels", "hidden_size", "intermediate_size",
                         "num_hidden_layers", "num_attention_heads")
         _check_intervals(self, layer_norm_eps="(0, inf)", attention_dropout="[0, 1)", initializer_range="[0, inf)")
@@ -191,8 +195,7 @@ class AgillmAudioConfig(PreTrainedConfig):
     attention_dropout: float | int = 0.0
     initializer_range: float = 0.02
 
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
+    def validate_architecture(self):
         _check_positive(self, "num_mel_bins", "conv_kernel_size", "conv_stride", "frames_per_token", "hidden_size",
                         "intermediate_size", "num_hidden_layers", "num_attention_heads")
         _check_intervals(self, layer_norm_eps="(0, inf)", attention_dropout="[0, 1)", initializer_range="[0, inf)")
@@ -252,6 +255,8 @@ class AgillmVQVAEConfig(PreTrainedConfig):
         if self.hidden_channels is None:
             self.hidden_channels = [32, 64, 128]
         super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
         _check_positive(self, "image_size", "num_channels", "embed_dim", "num_embeddings")
         if not self.hidden_channels or any(c <= 0 for c in self.hidden_channels) or self.num_res_blocks < 0:
             raise ValueError(f"hidden_channels must be positive widths and num_res_blocks >= 0, got "
@@ -306,6 +311,161 @@ def _check_activation(config: PreTrainedConfig, name: str = "hidden_act") -> Non
     if getattr(config, name) not in ACT2FN:
         raise ValueError(f"{type(config).__name__}.{name}={getattr(config, name)!r} is not an activation transformers "
                          f"knows; choose one of {sorted(ACT2FN)}.")
+
+
+@strict(accept_kwargs=True)
+class AgillmDiffusionBlocksConfig(PreTrainedConfig):
+    r"""
+    DiffusionBlocks training (`AgillmConfig.diffusion_blocks`; diffusion_blocks_agillm.py). In training mode,
+    `forward(labels=...)` trains ONE layer group per step as an EDM denoiser at that group's noise band, and
+    `generate(generation_mode="diffusion_euler")` samples through the same groups: both read this config, so training
+    and inference cannot disagree. The defaults are AGILLM 4.x's `--dblock_*` defaults, except `reconstruction_weight`
+    and `embedding_scale` (new; 0 and None are AGILLM 4.x).
+
+    Structure:
+        layer_groups (`list[list[int]]`): `[start, end)` layer ranges covering every decoder layer in order; group i
+            trains on the i-th lowest noise band. Give this or `num_groups`.
+        num_groups (`int`, *optional*): AGILLM 4.x's uniform partition into this many groups. `AgillmConfig` turns
+            it into `layer_groups` (it knows the number of layers), so config.json holds one source of truth.
+        sigma_bands (`list[float]`): derived, `len(layer_groups) + 1` equal-probability edges of the noise
+            distribution below (`equal_mass_sigma_bands`), written so config.json shows them. A stored value must
+            equal the derived one: edit the sigma settings instead.
+        objectives (`dict[str, float]`, *optional*): `{"ar": w, "sat": w}`, the EDM objectives and their weights.
+            Default: the model's AR and SAT heads at 1.0. AR must have a positive weight (the Euler sampler reads it).
+
+    Noise (a log-normal `exp(N(p_mean, p_std))` truncated to `[sigma_min, sigma_max]`, EDM preconditioning):
+        sigma_min / sigma_max / p_mean / p_std (`float`): the noise distribution.
+        sigma_data (`float`): EDM's data standard deviation.
+        loss_weight_max (`float`): clamp of the EDM loss weight.
+        sigma_curriculum_steps (`int`): steps over which the sampled noise widens from the band's low edge to the
+            whole band (0 = off).
+        sigma_stratified (`bool`): stratify the noise levels of a batch over the band.
+        reconstruction_weight (`float`): weight of the EDM denoising term the Euler sampler relies on (0 is
+            AGILLM 4.x's loss).
+        embedding_scale (`str`, *optional*): `"sigma_data"`: the clean data are the embeddings rescaled to RMS
+            `sigma_data`; `None`: as they are (AGILLM 4.x).
+
+    Which group trains at a step:
+        group_choice (`str`): `loss_balanced` (AGILLM 4.x: favour groups whose loss is high, stale or undertrained),
+            `round_robin` or `random`.
+        choice_warmup_steps / choice_max_stale_steps (`int`), choice_max_count_skew / choice_explore /
+            choice_ema_decay / choice_stale_bonus / choice_undertrain_bonus (`float`): the loss-balanced rule's
+            parameters (`DiffusionBlocksState.choose_group`).
+
+    Sampling:
+        euler_steps_per_group (`int`): Euler steps the sampler takes inside each group's band.
+    """
+
+    model_type = "agillm_diffusion_blocks"
+    base_config_key = "diffusion_blocks"
+
+    layer_groups: list[list[int]] | None = None
+    num_groups: int | None = None
+    sigma_bands: list[float] | None = None
+    objectives: dict[str, float | int] | None = None
+    sigma_min: float | int = 0.002
+    sigma_max: float | int = 80.0
+    p_mean: float | int = -1.2
+    p_std: float | int = 1.2
+    sigma_data: float | int = 0.5
+    loss_weight_max: float | int = 5.0
+    sigma_curriculum_steps: int = 2000
+    sigma_stratified: bool = True
+    reconstruction_weight: float | int = 1.0
+    embedding_scale: Literal["sigma_data"] | None = "sigma_data"
+    group_choice: GroupChoice = "loss_balanced"
+    choice_warmup_steps: int = 16
+    choice_max_stale_steps: int = 64
+    choice_max_count_skew: float | int = 1.35
+    choice_explore: float | int = 0.08
+    choice_ema_decay: float | int = 0.96
+    choice_stale_bonus: float | int = 0.35
+    choice_undertrain_bonus: float | int = 0.25
+    euler_steps_per_group: int = 1
+
+    def __post_init__(self, **kwargs):
+        # A misspelt setting would otherwise be kept as an unused attribute.
+        if kwargs.get("model_type") == self.model_type:  # written by `to_dict`; the class already says it
+            del kwargs["model_type"]
+        unknown = sorted(set(kwargs) - SERIALIZED_CONFIG_KEYS)
+        if unknown:
+            known = sorted(self.settings())
+            cause = ValueError(f"diffusion_blocks has unknown keys {unknown}; known keys are {known}.")
+            raise StrictDataclassFieldValidationError(field=unknown[0], cause=cause) from cause
+        super().__post_init__(**kwargs)
+
+    def validate_structure(self):
+        """One partition (the count or the ranges), and the objectives."""
+        if self.num_groups is not None and self.layer_groups is not None:
+            raise ValueError(NEEDS_ONE_PARTITION)
+        if self.num_groups is not None and self.num_groups < 1:
+            raise ValueError(f"diffusion_blocks num_groups must be at least 1, got {self.num_groups}.")
+        if self.objectives is not None:
+            _check_diffusion_objectives(self.objectives)
+
+    def validate_noise(self):
+        """The noise distribution and the EDM constants."""
+        finite = "(-inf, inf)"
+        _check_intervals(self, sigma_min=finite, sigma_max=finite, p_mean=finite, p_std=finite, sigma_data=finite,
+                         loss_weight_max=finite, reconstruction_weight="[0, inf)")
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"diffusion_blocks needs 0 < sigma_min < sigma_max, got sigma_min={self.sigma_min} "
+                             f"and sigma_max={self.sigma_max}.")
+        for name in ("p_std", "sigma_data", "loss_weight_max"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"diffusion_blocks {name} must be positive, got {getattr(self, name)}.")
+        if self.sigma_curriculum_steps < 0:
+            raise ValueError(f"diffusion_blocks sigma_curriculum_steps must be >= 0, got "
+                             f"{self.sigma_curriculum_steps}.")
+
+    def validate_group_choice(self):
+        """The loss-balanced rule's parameters and the sampler's steps."""
+        _check_intervals(self, choice_max_count_skew="(-inf, inf)", choice_explore="[0, 1]",
+                         choice_ema_decay="[0, 1)", choice_stale_bonus="(-inf, inf)",
+                         choice_undertrain_bonus="(-inf, inf)")
+        for name in ("choice_warmup_steps", "choice_max_stale_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"diffusion_blocks {name} must be >= 0, got {getattr(self, name)}.")
+        if self.euler_steps_per_group < 1:
+            raise ValueError("diffusion_blocks euler_steps_per_group must be at least 1.")
+
+    def settings(self) -> dict:
+        """The DiffusionBlocks settings alone, without the fields every `PreTrainedConfig` has (dtype, ...)."""
+        return {field.name: getattr(self, field.name) for field in fields(self)
+                if field.name not in PRETRAINED_CONFIG_FIELDS}
+
+    def derived_sigma_bands(self) -> list[float]:
+        return equal_mass_sigma_bands(len(self.layer_groups), self.sigma_min, self.sigma_max, self.p_mean, self.p_std)
+
+
+def _check_diffusion_objectives(objectives: dict) -> None:
+    unknown = sorted(set(objectives) - set(DIFFUSION_BLOCKS_OBJECTIVES))
+    if unknown:
+        raise ValueError(f"diffusion_blocks objectives {unknown} are not supported; choose from "
+                         f"{list(DIFFUSION_BLOCKS_OBJECTIVES)} (NAT is not trained at a noise level).")
+    if not all(in_interval(weight, "[0, inf)") for weight in objectives.values()):
+        raise ValueError(f"diffusion_blocks objective weights must be numbers >= 0, got {objectives}.")
+    if not objectives.get("ar", 0) > 0:
+        raise ValueError("diffusion_blocks objectives must train 'ar' with a positive weight: the Euler sampler "
+                         f"denoises with the AR attention pattern and reads the AR head (got {objectives}).")
+
+
+def _layer_groups_problem(groups, num_layers: int) -> str | None:
+    """What is wrong with `groups` as `[start, end)` ranges covering layers `0..num_layers - 1` in order, or None."""
+    if not groups:
+        return "it must be a non-empty list of [start, end) pairs"
+    expected_start = 0
+    for group in groups:
+        if len(group) != 2:
+            return f"{group!r} is not a [start, end) pair of integers"
+        if group[0] != expected_start:
+            return f"group {list(group)} starts at {group[0]}, expected {expected_start} (gap or overlap)"
+        if group[1] <= group[0]:
+            return f"group {list(group)} is empty"
+        expected_start = group[1]
+    if expected_start != num_layers:
+        return f"the groups end at layer {expected_start}, expected {num_layers}"
+    return None
 
 
 @strict(accept_kwargs=True)
@@ -462,20 +622,11 @@ class AgillmConfig(PreTrainedConfig):
             evaluation and calls without labels are unchanged, and DiffusionBlocks training keeps the stock loss.
             The head projections must be plain `nn.Linear`s (no LoRA on a head, no tensor-parallel or offloaded
             heads). 256 cut the peak memory of a vocab-49,152 training step to 0.17x (bench/fused_cross_entropy.md).
-        diffusion_blocks (`dict`, *optional*): DiffusionBlocks training (`None` = off; diffusion_blocks_agillm.py).
-            In training mode, `forward(labels=...)` then trains ONE layer group per step as an EDM denoiser at that
+        diffusion_blocks (`AgillmDiffusionBlocksConfig` or `dict`, *optional*): DiffusionBlocks training (`None` =
+            off): in training mode, `forward(labels=...)` trains one layer group per step as an EDM denoiser at that
             group's noise band, and `generate(generation_mode="diffusion_euler")` samples through the same groups.
-            Keys (missing ones get AGILLM 4.x's defaults, `DIFFUSION_BLOCKS_DEFAULTS`): `layer_groups` (`[start, end)`
-            layer ranges covering every layer in order; group i trains on the i-th lowest noise band) or `num_groups`
-            (AGILLM 4.x's uniform partition, stored as `layer_groups`); `sigma_min`, `sigma_max`, `p_mean`, `p_std`
-            (the truncated log-normal noise distribution), `sigma_bands` (derived: its equal-probability band
-            edges, written so config.json shows them), `sigma_data`, `loss_weight_max` (clamp of the EDM weight),
-            `sigma_curriculum_steps`, `sigma_stratified`; `objectives` (`{"ar": w, "sat": w}`, default: the model's
-            AR and SAT heads at 1.0); `reconstruction_weight` (EDM denoising term the Euler sampler relies on; 0 is
-            AGILLM 4.x's loss); `embedding_scale` (`"sigma_data"`: the clean data are the embeddings rescaled to RMS
-            `sigma_data`; `None`: as they are, AGILLM 4.x); `group_choice` (`loss_balanced`, `round_robin`,
-            `random`) and the `choice_*` parameters of the loss-balanced rule; `euler_steps_per_group`. The sampler
-            reads the same structure, so training and inference cannot disagree.
+            Every setting is documented on [`AgillmDiffusionBlocksConfig`]; `{"num_groups": 4}` takes AGILLM 4.x's
+            defaults for the rest.
 
     Multi-token prediction (DeepSeek-V3 MTP):
         num_mtp_layers (`int`): MTP depth D. Layer k (k = 0..D-1) predicts token t + k + 2 from the previous
@@ -517,6 +668,7 @@ class AgillmConfig(PreTrainedConfig):
         "vision_config": SubConfigSpec(config_class=AgillmVisionConfig, optional=True),
         "audio_config": SubConfigSpec(config_class=AgillmAudioConfig, optional=True),
         "vq_config": SubConfigSpec(config_class=AgillmVQVAEConfig, optional=True),
+        "diffusion_blocks": SubConfigSpec(config_class=AgillmDiffusionBlocksConfig, optional=True),
     }
     keys_to_ignore_at_inference = ["past_key_values"]
     # Tensor-parallel plan of `AgillmModel`: column-split q/k/v and gate/up, row-split o and down, as Llama.
@@ -549,14 +701,14 @@ class AgillmConfig(PreTrainedConfig):
     rope_parameters: RopeParameters | dict | None = None
     nope_layers: list[int] | None = None
 
-    layer_types: list[str] | None = None
+    layer_types: list[LayerType] | None = None
     sliding_window: int | None = None
     attention_chunk_size: int | None = None
     attention_bias: bool = False
     attention_output_bias: bool | None = None
     attention_dropout: float | int = 0.0
     use_qk_norm: bool = False
-    qk_norm_type: str = "learned"
+    qk_norm_type: QkNormType = "learned"
     attn_temperature_tuning: bool = False
     floor_scale: int = 8192
     attn_scale: float = 0.1
@@ -567,34 +719,34 @@ class AgillmConfig(PreTrainedConfig):
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     mla_absorbed_decode: bool = True
-    position_embedding_type: str = "rope"
+    position_embedding_type: PositionEmbeddingType = "rope"
     tie_kv: bool = False
     hidden_dropout: float | int = 0.0
 
-    mlp_type: str = "gated"
+    mlp_type: MlpType = "gated"
     hidden_act: str = "silu"
     mlp_bias: bool = False
     num_experts: int = 0
     num_experts_per_tok: int = 1
     moe_intermediate_size: int | None = None
-    router_type: str = "softmax_topk"
+    router_type: RouterType = "softmax_topk"
     norm_topk_prob: bool = True
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float | int = 1.0
     shared_expert_intermediate_size: int = 0
     shared_expert_gate: bool = False
-    mlp_layer_types: list[str] | None = None
-    router_scope: str = "token"
+    mlp_layer_types: list[MlpLayerType] | None = None
+    router_scope: RouterScope = "token"
     experts_per_document: int | None = None
     output_router_logits: bool = False
     router_aux_loss_coef: float | int = 0.001
     router_z_loss_coef: float | int = 0.0
     router_bias_update_rate: float | int = 0.0
-    norm_type: str = "rms_norm"
+    norm_type: NormType = "rms_norm"
     rms_norm_eps: float = 1e-6
 
-    heads: list[str] | None = None
+    heads: list[HeadName] | None = None
     head_bias: bool = False
     objective_weights: dict[str, float] | None = None
     label_smoothing: float | int | dict[str, float] = 0.0
@@ -602,13 +754,13 @@ class AgillmConfig(PreTrainedConfig):
     sat_gate_loss: bool = True
     nat_mask_token_id: int = 3
     nat_block_size: int | None = 8
-    nat_objective: str = "denoise"
-    diffusion_blocks: dict | None = None
+    nat_objective: NatObjective = "denoise"
+    diffusion_blocks: dict | PreTrainedConfig | None = None
     cross_entropy_chunk_size: int | None = None
 
     num_mtp_layers: int = 0
-    mtp_layer_types: list[str] | None = None
-    mtp_mlp_layer_types: list[str] | None = None
+    mtp_layer_types: list[LayerType] | None = None
+    mtp_mlp_layer_types: list[MlpLayerType] | None = None
     mtp_loss_weight: float | int = 0.3
 
     vision_config: dict | PreTrainedConfig | None = None
@@ -635,13 +787,8 @@ class AgillmConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.kv_lora_rank is not None and self.head_dim is None:
             self.head_dim = self.qk_rope_head_dim  # MLA: the rotary tables are built for the rotary part only
-        if self.head_dim is None:
-            if self.num_attention_heads <= 0 or self.hidden_size % self.num_attention_heads != 0:
-                raise ValueError(
-                    f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                    f"({self.num_attention_heads}), or set head_dim explicitly."
-                )
-            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim is None and self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads == 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads  # else `validate_architecture` says why
         if self.attention_output_bias is None:
             self.attention_output_bias = self.attention_bias
         if self.layer_types is None:
@@ -678,10 +825,20 @@ class AgillmConfig(PreTrainedConfig):
             self.image_vocab_offset = self.vocab_size - self.vq_config.num_embeddings
         if getattr(self, "auto_map", None) is None:  # a loaded config keeps its own (it may carry a Hub repo prefix)
             self.auto_map = dict(AGILLM_AUTO_MAP)
-        self._check_agillm_fields()
+        self.resolve_diffusion_blocks()
 
-    def _check_agillm_fields(self):
-        """Reject combinations the model cannot run, with the field that is wrong in the message."""
+    # Validation: `@strict` runs every `validate_*` method after `__post_init__`, when a config is built or loaded,
+    # and again in `validate()` and `save_pretrained`; each raises `ValueError` naming the wrong field, which
+    # `@strict` re-raises as huggingface_hub's `StrictDataclassClassValidationError` (transformers' own configs
+    # behave the same). They run in name order: `validate_architecture`, the first, checks the sizes and per-layer
+    # list lengths that the others index with.
+
+    def validate_architecture(self):
+        """Sizes, layer lists, norms, positions and activations."""
+        super().validate_architecture()
+        if self.head_dim is None:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                             f"({self.num_attention_heads}), or set head_dim explicitly.")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "head_dim",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             if getattr(self, name) <= 0:
@@ -691,13 +848,14 @@ class AgillmConfig(PreTrainedConfig):
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
                 f"({self.num_attention_heads})."
             )
-        if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(
-                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}."
-            )
-        unknown = sorted(set(self.layer_types) - set(AGILLM_LAYER_TYPES))
-        if unknown:
-            raise ValueError(f"Unknown layer type(s) {unknown}; AGILLM supports {list(AGILLM_LAYER_TYPES)}.")
+        if self.num_mtp_layers < 0 or self.mtp_loss_weight < 0:
+            raise ValueError("num_mtp_layers and mtp_loss_weight must be >= 0.")
+        for name, length in (("layer_types", self.num_hidden_layers), ("mlp_layer_types", self.num_hidden_layers),
+                             ("kv_source_layers", self.num_hidden_layers), ("mtp_layer_types", self.num_mtp_layers),
+                             ("mtp_mlp_layer_types", self.num_mtp_layers)):
+            values = getattr(self, name) or []
+            if len(values) != length:
+                raise ValueError(f"{name} has {len(values)} entries, expected {length}.")
         if "sliding_attention" in self.layer_types and not (self.sliding_window and self.sliding_window > 0):
             raise ValueError("sliding_attention layers need a positive sliding_window.")
         if "chunked_attention" in self.layer_types and not (self.attention_chunk_size and self.attention_chunk_size > 0):
@@ -705,39 +863,19 @@ class AgillmConfig(PreTrainedConfig):
         bad_nope = [i for i in self.nope_layers if not 0 <= i < self.num_hidden_layers]
         if bad_nope:
             raise ValueError(f"nope_layers {bad_nope} are not layer indices (0..{self.num_hidden_layers - 1}).")
-        if self.norm_type not in AGILLM_NORM_TYPES:
-            raise ValueError(f"norm_type must be one of {list(AGILLM_NORM_TYPES)}, got {self.norm_type!r}.")
-        self._check_choice("position_embedding_type", AGILLM_POSITION_TYPES)
-        self._check_choice("mlp_type", AGILLM_MLP_TYPES)
         _check_activation(self)
         _check_intervals(self, rms_norm_eps="(0, inf)", attention_dropout="[0, 1)", hidden_dropout="[0, 1)",
                          initializer_range="[0, inf)", mtp_loss_weight="[0, inf)")
-        self._check_choice("router_type", AGILLM_ROUTER_TYPES)
         if self.uses_alibi and set(self.layer_types) != {"full_attention"}:
             raise ValueError(
                 f"position_embedding_type={self.position_embedding_type!r} needs full_attention layers only "
                 f"(ALiBi distances are absolute positions; windowed caches drop them), got {sorted(set(self.layer_types))}."
             )
-        if self.num_experts < 0 or (self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts):
-            raise ValueError(
-                f"num_experts_per_tok ({self.num_experts_per_tok}) must lie in [1, num_experts={self.num_experts}]."
-            )
-        if self.num_experts and self.router_type == "top1_straight_through" and self.num_experts_per_tok != 1:
-            raise ValueError("router_type='top1_straight_through' routes each token to exactly one expert "
-                             f"(num_experts_per_tok=1), got {self.num_experts_per_tok}.")
-        if self.num_experts and (self.mlp_type == "plain") != bool(self.mlp_bias):
-            raise ValueError("MoE experts are either gated without biases (mlp_type='gated', mlp_bias=False) or "
-                             "plain with biases as AGILLM 4.x (mlp_type='plain', mlp_bias=True).")
-        if self.moe_intermediate_size <= 0 or self.shared_expert_intermediate_size < 0:
-            raise ValueError("moe_intermediate_size must be positive and shared_expert_intermediate_size >= 0.")
-        self._check_moe()
-        self._check_attention_variants()
-        self._check_mtp()
-        self._check_heads()
-        self.check_diffusion_blocks()
-        self._check_multimodal()
-        try:  # transformers' own check; a missing key surfaces as KeyError there
-            self.validate_rope()
+
+    def validate_rope(self):
+        """transformers' own RoPE checks, then what AGILLM needs on top (a known type, a finite theta)."""
+        try:  # a missing key surfaces as KeyError there
+            super().validate_rope()
         except KeyError as error:
             raise ValueError(f"Invalid rope_parameters {self.rope_parameters!r}: {error}") from error
         if self.rope_parameters is None or "rope_type" not in self.rope_parameters:
@@ -781,20 +919,24 @@ class AgillmConfig(PreTrainedConfig):
     def has_gated_experts(self) -> bool:
         return bool(self.num_experts) and self.mlp_type == "gated"
 
-    def _check_layer_list(self, name: str, values, length: int, choices: tuple[str, ...]) -> None:
-        if len(values) != length:
-            raise ValueError(f"{name} has {len(values)} entries, expected {length}.")
-        unknown = sorted(set(values) - set(choices))
-        if unknown:
-            raise ValueError(f"{name} has unknown entries {unknown}; choose from {list(choices)}.")
-
-    def _check_moe(self) -> None:
-        self._check_layer_list("mlp_layer_types", self.mlp_layer_types, self.num_hidden_layers, AGILLM_MLP_LAYER_TYPES)
+    def validate_moe(self):
+        """Experts, routers and their losses."""
         if "sparse" in self.mlp_layer_types and not self.num_experts:
             raise ValueError("mlp_layer_types has 'sparse' layers but num_experts is 0.")
-        self._check_choice("router_scope", AGILLM_ROUTER_SCOPES)
+        if self.num_experts < 0 or (self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts):
+            raise ValueError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must lie in [1, num_experts={self.num_experts}]."
+            )
         if not self.num_experts:
             return
+        if self.router_type == "top1_straight_through" and self.num_experts_per_tok != 1:
+            raise ValueError("router_type='top1_straight_through' routes each token to exactly one expert "
+                             f"(num_experts_per_tok=1), got {self.num_experts_per_tok}.")
+        if (self.mlp_type == "plain") != bool(self.mlp_bias):
+            raise ValueError("MoE experts are either gated without biases (mlp_type='gated', mlp_bias=False) or "
+                             "plain with biases as AGILLM 4.x (mlp_type='plain', mlp_bias=True).")
+        if self.moe_intermediate_size <= 0 or self.shared_expert_intermediate_size < 0:
+            raise ValueError("moe_intermediate_size must be positive and shared_expert_intermediate_size >= 0.")
         if self.router_type == "sigmoid_group_topk":
             if self.n_group < 1 or self.num_experts % self.n_group:
                 raise ValueError(f"n_group ({self.n_group}) must divide num_experts ({self.num_experts}).")
@@ -823,13 +965,11 @@ class AgillmConfig(PreTrainedConfig):
         if self.shared_expert_gate and not self.shared_expert_intermediate_size:
             raise ValueError("shared_expert_gate needs a shared expert (shared_expert_intermediate_size > 0).")
 
-    def _check_attention_variants(self) -> None:
-        self._check_choice("qk_norm_type", AGILLM_QK_NORM_TYPES)
+    def validate_attention(self):
+        """Llama 4's temperature tuning, cross-layer KV sharing and MLA."""
         if self.attn_temperature_tuning and not (self.floor_scale > 0 and in_interval(self.attn_scale, "[0, inf)")):
             raise ValueError("attn_temperature_tuning needs floor_scale > 0 and attn_scale >= 0.")
         sources = self.kv_source_layers
-        if len(sources) != self.num_hidden_layers:
-            raise ValueError(f"kv_source_layers has {len(sources)} entries, expected {self.num_hidden_layers}.")
         for layer, source in enumerate(sources):
             if source == layer:
                 continue
@@ -858,15 +998,10 @@ class AgillmConfig(PreTrainedConfig):
         if self.tie_kv or self.use_qk_norm or self.uses_alibi or self.attn_temperature_tuning:
             raise ValueError("MLA does not combine with tie_kv, use_qk_norm, ALiBi or attn_temperature_tuning.")
 
-    def _check_mtp(self) -> None:
-        if self.num_mtp_layers < 0 or self.mtp_loss_weight < 0:
-            raise ValueError("num_mtp_layers and mtp_loss_weight must be >= 0.")
+    def validate_mtp(self):
+        """Multi-token prediction layers."""
         if not self.num_mtp_layers:
             return
-        self._check_layer_list("mtp_layer_types", self.mtp_layer_types, self.num_mtp_layers, AGILLM_LAYER_TYPES)
-        self._check_layer_list(
-            "mtp_mlp_layer_types", self.mtp_mlp_layer_types, self.num_mtp_layers, AGILLM_MLP_LAYER_TYPES
-        )
         if "sparse" in self.mtp_mlp_layer_types and not self.num_experts:
             raise ValueError("mtp_mlp_layer_types has 'sparse' layers but num_experts is 0.")
         if self.uses_alibi:
@@ -923,132 +1058,59 @@ class AgillmConfig(PreTrainedConfig):
             plan.update({f"layers.*.mlp.shared_expert.{name}": style for name, style in shared.items()})
         return plan
 
-    def check_diffusion_blocks(self) -> None:
-        """Complete `diffusion_blocks` with its defaults and derived values, then validate it (idempotent).
+    def __setattr__(self, name, value):
+        # `from_pretrained(path, diffusion_blocks={...})` assigns a dict after the config was built; loading then
+        # sets the dtype of every sub-config, so the dict becomes its config at once (completed by
+        # `resolve_diffusion_blocks` when the model is built).
+        if name == "diffusion_blocks" and isinstance(value, dict):
+            value = AgillmDiffusionBlocksConfig(**value)
+        super().__setattr__(name, value)
 
-        Also called when a model is built, since `from_pretrained(..., diffusion_blocks=...)` sets the field after
-        `__post_init__` has run.
-        """
-        if self.diffusion_blocks is None:
+    def resolve_diffusion_blocks(self) -> None:
+        """Complete `diffusion_blocks` with what depends on this model (idempotent): `num_groups` becomes
+        `layer_groups`, `objectives` default to the model's AR and SAT heads, `sigma_bands` are derived. Run at
+        construction, and again when a model is built: `from_pretrained(..., diffusion_blocks={...})` sets the field
+        after the config was built (call `validate()` after it then)."""
+        blocks = self.diffusion_blocks
+        if blocks is None:
             return
-        if not isinstance(self.diffusion_blocks, dict):
-            raise ValueError(f"diffusion_blocks must be a dict or None, got {type(self.diffusion_blocks).__name__}.")
-        settings = {**DIFFUSION_BLOCKS_DEFAULTS, **self.diffusion_blocks}
-        known = {*DIFFUSION_BLOCKS_DEFAULTS, "layer_groups", "num_groups", "sigma_bands", "objectives"}
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise ValueError(f"diffusion_blocks has unknown keys {unknown}; known keys are {sorted(known)}.")
+        if blocks.num_groups is not None and blocks.num_groups <= self.num_hidden_layers:
+            blocks.layer_groups = uniform_layer_groups(self.num_hidden_layers, blocks.num_groups)
+            blocks.num_groups = None  # one source of truth in config.json
+        if blocks.objectives is None:  # AGILLM 4.x: every EDM objective the model has a head for, weight 1.0
+            blocks.objectives = {name: 1.0 for name in DIFFUSION_BLOCKS_OBJECTIVES if name in self.heads}
+        if blocks.sigma_bands is None and blocks.layer_groups is not None:
+            blocks.sigma_bands = blocks.derived_sigma_bands()
+        self.diffusion_blocks = blocks
 
-        num_groups = settings.pop("num_groups", None)
-        if (num_groups is None) == (settings.get("layer_groups") is None):
-            raise ValueError("diffusion_blocks needs exactly one of layer_groups (list of [start, end) layer ranges) "
-                             "or num_groups (AGILLM 4.x's uniform partition).")
-        if num_groups is not None:
-            if not isinstance(num_groups, int) or isinstance(num_groups, bool):
-                raise ValueError(f"diffusion_blocks num_groups must be an integer, got {num_groups!r}.")
-            settings["layer_groups"] = uniform_layer_groups(self.num_hidden_layers, num_groups)
-        settings["layer_groups"] = self._checked_layer_groups(settings["layer_groups"])
-
-        for name in ("sigma_min", "sigma_max", "p_mean", "p_std", "sigma_data", "loss_weight_max",
-                     "reconstruction_weight", "choice_max_count_skew", "choice_explore", "choice_ema_decay",
-                     "choice_stale_bonus", "choice_undertrain_bonus"):
-            value = settings[name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"diffusion_blocks {name} must be a finite number, got {value!r}.")
-            settings[name] = float(value)
-        for name in ("sigma_curriculum_steps", "choice_warmup_steps", "choice_max_stale_steps", "euler_steps_per_group"):
-            value = settings[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"diffusion_blocks {name} must be a non-negative integer, got {value!r}.")
-        if not 0.0 < settings["sigma_min"] < settings["sigma_max"]:
-            raise ValueError(f"diffusion_blocks needs 0 < sigma_min < sigma_max, got sigma_min={settings['sigma_min']} "
-                             f"and sigma_max={settings['sigma_max']}.")
-        for name in ("p_std", "sigma_data", "loss_weight_max"):
-            if settings[name] <= 0:
-                raise ValueError(f"diffusion_blocks {name} must be positive, got {settings[name]}.")
-        if settings["reconstruction_weight"] < 0 or not 0.0 <= settings["choice_explore"] <= 1.0:
-            raise ValueError("diffusion_blocks needs reconstruction_weight >= 0 and choice_explore in [0, 1].")
-        if not 0.0 <= settings["choice_ema_decay"] < 1.0:
-            raise ValueError(f"diffusion_blocks choice_ema_decay must lie in [0, 1), got {settings['choice_ema_decay']}.")
-        if settings["euler_steps_per_group"] < 1:
-            raise ValueError("diffusion_blocks euler_steps_per_group must be at least 1.")
-        if not isinstance(settings["sigma_stratified"], bool):
-            raise ValueError(f"diffusion_blocks sigma_stratified must be a bool, got {settings['sigma_stratified']!r}.")
-        if settings["embedding_scale"] not in (None, "sigma_data"):
-            raise ValueError(
-                f"diffusion_blocks embedding_scale must be 'sigma_data' or None, got {settings['embedding_scale']!r}."
-            )
-        if settings["group_choice"] not in DIFFUSION_BLOCKS_GROUP_CHOICES:
-            raise ValueError(f"diffusion_blocks group_choice must be one of {list(DIFFUSION_BLOCKS_GROUP_CHOICES)}, "
-                             f"got {settings['group_choice']!r}.")
-
-        bands = equal_mass_sigma_bands(len(settings["layer_groups"]), settings["sigma_min"], settings["sigma_max"],
-                                       settings["p_mean"], settings["p_std"])
-        stored = settings.get("sigma_bands")
-        if stored is not None and (
-            len(stored) != len(bands) or not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(stored, bands))
-        ):
-            raise ValueError(f"diffusion_blocks sigma_bands {stored} are derived from the layer groups and the sigma "
-                             f"settings ({bands}); edit those instead, and drop sigma_bands.")
-        objectives = self._checked_diffusion_objectives(settings.get("objectives"))
-        self.diffusion_blocks = {  # structure first, so config.json reads groups -> bands -> objectives -> knobs
-            "layer_groups": settings["layer_groups"],
-            "sigma_bands": bands,
-            "objectives": objectives,
-            **{name: settings[name] for name in DIFFUSION_BLOCKS_DEFAULTS},
-        }
-
-    def _checked_layer_groups(self, groups) -> list[list[int]]:
+    def validate_diffusion_blocks(self):
+        """The DiffusionBlocks settings against this model: layer groups, objectives' heads, stored sigma bands."""
+        blocks = self.diffusion_blocks
+        if blocks is None:
+            return
         num_layers = self.num_hidden_layers
-        problem = None
-        if not isinstance(groups, (list, tuple)) or not groups:
-            problem = "it must be a non-empty list of [start, end) pairs"
-        else:
-            expected_start = 0
-            for group in groups:
-                if (not isinstance(group, (list, tuple)) or len(group) != 2
-                        or not all(isinstance(x, int) and not isinstance(x, bool) for x in group)):
-                    problem = f"{group!r} is not a [start, end) pair of integers"
-                elif group[0] != expected_start:
-                    problem = f"group {list(group)} starts at {group[0]}, expected {expected_start} (gap or overlap)"
-                elif group[1] <= group[0]:
-                    problem = f"group {list(group)} is empty"
-                if problem:
-                    break
-                expected_start = group[1]
-            if problem is None and expected_start != num_layers:
-                problem = f"the groups end at layer {expected_start}, expected {num_layers}"
+        if blocks.num_groups is None and blocks.layer_groups is None:
+            raise ValueError(NEEDS_ONE_PARTITION)
+        if blocks.num_groups is not None:  # `resolve_diffusion_blocks` converts every count that fits
+            raise ValueError(f"diffusion_blocks num_groups must lie in [1, num_hidden_layers={num_layers}], got "
+                             f"{blocks.num_groups}.")
+        problem = _layer_groups_problem(blocks.layer_groups, num_layers)
         if problem:
             raise ValueError(f"diffusion_blocks layer_groups must cover layers 0..{num_layers - 1} in order, without "
-                             f"gaps or overlaps: {problem} (got {groups!r}).")
-        return [list(group) for group in groups]
-
-    def _checked_diffusion_objectives(self, objectives) -> dict[str, float]:
-        if objectives is None:  # AGILLM 4.x's default: every EDM objective the model has a head for, weight 1.0
-            return {name: 1.0 for name in DIFFUSION_BLOCKS_OBJECTIVES if name in self.heads}
-        if not isinstance(objectives, dict):
-            raise ValueError(f"diffusion_blocks objectives must be a dict {{name: weight}}, got {objectives!r}.")
-        unknown = sorted(set(objectives) - set(DIFFUSION_BLOCKS_OBJECTIVES))
-        if unknown:
-            raise ValueError(f"diffusion_blocks objectives {unknown} are not supported; choose from "
-                             f"{list(DIFFUSION_BLOCKS_OBJECTIVES)} (NAT is not trained at a noise level).")
-        missing = sorted(set(objectives) - set(self.heads))
+                             f"gaps or overlaps: {problem} (got {blocks.layer_groups!r}).")
+        missing = sorted(set(blocks.objectives) - set(self.heads))
         if missing:
             raise ValueError(f"diffusion_blocks objectives {missing} need heads the model lacks (heads={self.heads}).")
-        if any(isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in objectives.values()):
-            raise ValueError(f"diffusion_blocks objective weights must be numbers >= 0, got {objectives}.")
-        if not objectives.get("ar", 0) > 0:
-            raise ValueError("diffusion_blocks objectives must train 'ar' with a positive weight: the Euler sampler "
-                             f"denoises with the AR attention pattern and reads the AR head (got {objectives}).")
-        return {name: float(weight) for name, weight in objectives.items()}
+        _check_diffusion_objectives(blocks.objectives)
+        bands = blocks.derived_sigma_bands()
+        stored = blocks.sigma_bands
+        if len(stored) != len(bands) or not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(stored, bands)):
+            raise ValueError(f"diffusion_blocks sigma_bands {stored} are derived from the layer groups and the sigma "
+                             f"settings ({bands}); edit those instead, and drop sigma_bands.")
 
-    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
-        if getattr(self, name) not in choices:
-            raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}.")
-
-    def _check_heads(self) -> None:
-        unknown = [head for head in self.heads if head not in AGILLM_HEADS]
-        if unknown or "ar" not in self.heads or len(set(self.heads)) != len(self.heads):
+    def validate_heads(self):
+        """Output heads, their objectives and losses."""
+        if "ar" not in self.heads or len(set(self.heads)) != len(self.heads):
             raise ValueError(f"heads must be distinct names from {list(AGILLM_HEADS)} including 'ar', got {self.heads}.")
         extra = sorted(set(self.objective_weights) - set(self.heads))
         if extra:
@@ -1064,7 +1126,6 @@ class AgillmConfig(PreTrainedConfig):
             raise ValueError(f"sat_block_size must be at least 2, got {self.sat_block_size}.")
         if self.nat_block_size is not None and self.nat_block_size < 1:
             raise ValueError(f"nat_block_size must be a positive integer or None, got {self.nat_block_size}.")
-        self._check_choice("nat_objective", NAT_OBJECTIVES)
         if self.nat_objective == "draft" and ("nat" not in self.heads or (self.nat_block_size or 0) < 2):
             raise ValueError(f"nat_objective='draft' trains a block NAT head: it needs 'nat' in heads and "
                              f"nat_block_size >= 2, got heads={self.heads}, nat_block_size={self.nat_block_size}.")
@@ -1105,7 +1166,8 @@ class AgillmConfig(PreTrainedConfig):
             return range(0)
         return range(self.image_vocab_offset, self.image_vocab_offset + self.vq_config.num_embeddings)
 
-    def _check_multimodal(self) -> None:
+    def validate_multimodal(self):
+        """Placeholder and boundary ids, and the VQ codes' place in the vocabulary."""
         if not self.is_multimodal:
             return
         special = ("image_token_id", "image_start_token_id", "image_end_token_id", "audio_token_id",

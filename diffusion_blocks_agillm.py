@@ -1,6 +1,6 @@
 """DiffusionBlocks: AGILLM 4.x's block-wise EDM training mode and its Euler sampler.
 
-What is trained. `config.diffusion_blocks["layer_groups"]` splits the decoder layers into B consecutive groups; group i
+What is trained. `config.diffusion_blocks.layer_groups` splits the decoder layers into B consecutive groups; group i
 owns the i-th noise band `[sigma_bands[i], sigma_bands[i + 1]]` (first layers = LOWEST noise). The bands split the
 log-normal(p_mean, p_std) noise distribution truncated to [sigma_min, sigma_max] into equal-probability parts. A
 training step (`forward(labels=...)` in training mode, so `Trainer` needs nothing special) picks ONE group, draws one
@@ -103,13 +103,13 @@ def sample_sigmas(batch_size: int, low: float, high: float, settings: dict, step
     stratified sampling draws the quantiles `(j + U) / n` (one shared U, shuffled) instead of n independent ones.
     Draws come from the CPU generator (reproducible across devices) and are moved to `device`.
     """
-    if settings["sigma_curriculum_steps"] > 0:
-        fraction = min(1.0, max(0.05, (step + 1) / settings["sigma_curriculum_steps"]))
+    if settings.sigma_curriculum_steps > 0:
+        fraction = min(1.0, max(0.05, (step + 1) / settings.sigma_curriculum_steps))
         high = low * (high / low) ** fraction
-    p_mean, p_std = settings["p_mean"], settings["p_std"]
+    p_mean, p_std = settings.p_mean, settings.p_std
     normal = NormalDist()
     q_low, q_high = (normal.cdf((math.log(s) - p_mean) / p_std) for s in (low, high))
-    if settings["sigma_stratified"] and batch_size > 1:
+    if settings.sigma_stratified and batch_size > 1:
         quantiles = (torch.arange(batch_size, dtype=torch.float64) + torch.rand((), dtype=torch.float64)) / batch_size
         quantiles = quantiles[torch.randperm(batch_size)]
     else:
@@ -133,9 +133,11 @@ class DiffusionBlocksState(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        config.check_diffusion_blocks()  # `from_pretrained(..., diffusion_blocks=...)` sets it after __post_init__
+        # `from_pretrained(..., diffusion_blocks={...})` sets the field after the config was built and checked.
+        config.resolve_diffusion_blocks()
+        config.validate()
         self.config = config
-        self.num_groups = len(config.diffusion_blocks["layer_groups"])
+        self.num_groups = len(config.diffusion_blocks.layer_groups)
         self.last_group: int | None = None  # the latest step's group and noise levels, for logging
         self.last_sigma: torch.Tensor | None = None
         self.reset()
@@ -150,33 +152,33 @@ class DiffusionBlocksState(nn.Module):
         """The group to train at this step (`group_choice`: `loss_balanced`, `round_robin` or `random`)."""
         settings = self.config.diffusion_blocks
         num_groups, step, counts, last_seen = self.num_groups, self.step, self.counts, self.last_seen
-        if settings["group_choice"] == "round_robin":
+        if settings.group_choice == "round_robin":
             return step % num_groups
-        if settings["group_choice"] == "random":
+        if settings.group_choice == "random":
             return int(torch.randint(num_groups, ()))
 
         def least_trained() -> int:
             return min(range(num_groups), key=lambda i: (counts[i], last_seen[i], i))
 
-        if step < settings["choice_warmup_steps"] or 0 in counts:
+        if step < settings.choice_warmup_steps or 0 in counts:
             return least_trained()
         stale = [step - seen if seen >= 0 else step + 1 for seen in last_seen]
-        max_stale = settings["choice_max_stale_steps"]
+        max_stale = settings.choice_max_stale_steps
         if max_stale > 0 and max(stale) >= max_stale:
             return max(range(num_groups), key=lambda i: (stale[i], -counts[i], -i))
         max_count = max(counts)
-        max_skew = settings["choice_max_count_skew"]
+        max_skew = settings.choice_max_count_skew
         if max_skew > 1.0 and max_count / min(counts) > max_skew:
             return least_trained()
-        if settings["choice_explore"] > 0 and float(torch.rand(())) < settings["choice_explore"]:
+        if settings.choice_explore > 0 and float(torch.rand(())) < settings.choice_explore:
             return least_trained()
 
         stale_scale = max(1, max_stale if max_stale > 0 else max(stale))
 
         def score(i: int) -> tuple:
             loss = -1.0 if self.loss_ema[i] is None else self.loss_ema[i]
-            staleness = settings["choice_stale_bonus"] * min(1.0, stale[i] / stale_scale)
-            undertraining = settings["choice_undertrain_bonus"] * (max_count - counts[i]) / max_count
+            staleness = settings.choice_stale_bonus * min(1.0, stale[i] / stale_scale)
+            undertraining = settings.choice_undertrain_bonus * (max_count - counts[i]) / max_count
             return loss + staleness + undertraining, -counts[i], stale[i], -i  # ties: fewer counts, staler, lower i
 
         return max(range(num_groups), key=score)
@@ -186,7 +188,7 @@ class DiffusionBlocksState(nn.Module):
         self.counts[group] += 1
         self.last_seen[group] = self.step
         if math.isfinite(loss):  # one non-finite loss must not poison the EMA for good (counts still advance)
-            previous, decay = self.loss_ema[group], self.config.diffusion_blocks["choice_ema_decay"]
+            previous, decay = self.loss_ema[group], self.config.diffusion_blocks.choice_ema_decay
             self.loss_ema[group] = loss if previous is None else decay * previous + (1.0 - decay) * loss
         self.step += 1
 
@@ -239,11 +241,11 @@ def embedding_scale(model) -> float | torch.Tensor:
     """Factor from token embeddings to the clean data z0: `sigma_data / RMS(embedding matrix)`, or 1 when
     `embedding_scale` is None. Detached, and the same in training and sampling for the same weights."""
     settings = model.config.diffusion_blocks
-    if settings["embedding_scale"] is None:
+    if settings.embedding_scale is None:
         return 1.0
     with torch.no_grad():
         weight = model.model.embed_tokens.weight
-        return settings["sigma_data"] / weight.float().pow(2).mean().sqrt().clamp(min=1e-12).to(weight.dtype)
+        return settings.sigma_data / weight.float().pow(2).mean().sqrt().clamp(min=1e-12).to(weight.dtype)
 
 
 def clean_embeddings(model, input_ids=None, inputs_embeds=None) -> torch.Tensor:
@@ -302,27 +304,27 @@ def diffusion_blocks_training_step(model, inputs: dict, labels: torch.Tensor, **
         trunk.check_last_position(position_ids.max())
 
     group = state.choose_group()
-    sigma = sample_sigmas(batch_size, *settings["sigma_bands"][group : group + 2], settings, state.step, clean.device)
-    c_skip, c_out, c_in = (c.to(clean.dtype) for c in edm_preconditioning(sigma, settings["sigma_data"]))
-    weight = edm_loss_weight(sigma, settings["sigma_data"], settings["loss_weight_max"])
+    sigma = sample_sigmas(batch_size, *settings.sigma_bands[group : group + 2], settings, state.step, clean.device)
+    c_skip, c_out, c_in = (c.to(clean.dtype) for c in edm_preconditioning(sigma, settings.sigma_data))
+    weight = edm_loss_weight(sigma, settings.sigma_data, settings.loss_weight_max)
 
     loss, raw_loss, losses, ar_logits = 0.0, 0.0, {}, None
-    for objective, objective_weight in settings["objectives"].items():
+    for objective, objective_weight in settings.objectives.items():
         if objective_weight == 0:
             continue
         noisy = clean + sigma[:, None, None].to(clean.dtype) * torch.randn_like(clean)
         masks, position_embeddings = _layer_inputs(model, objective, noisy, attention_mask, position_ids)
-        hidden = _run_group(model, settings["layer_groups"][group], c_in * noisy, masks, position_embeddings,
+        hidden = _run_group(model, settings.layer_groups[group], c_in * noisy, masks, position_embeddings,
                             position_ids, **kwargs)
         denoised = c_skip * noisy + c_out * hidden
         normed = trunk.norm(denoised)
         if objective == "ar":
             ar_logits = model.lm_head(normed)
             losses["ar"] = ar_loss(model, ar_logits, labels)
-            if settings["reconstruction_weight"] > 0:
+            if settings.reconstruction_weight > 0:
                 error = _reconstruction_error(denoised, clean.detach(), attention_mask)
                 losses["reconstruction"] = error.mean()
-                loss = loss + settings["reconstruction_weight"] * (weight * error).mean()
+                loss = loss + settings.reconstruction_weight * (weight * error).mean()
         else:
             sat_logits, gate_logits = model.sat_head(normed)
             losses["sat"] = sat_loss(model, sat_logits, gate_logits, labels)
@@ -366,8 +368,8 @@ class EulerStep:
 def euler_plan(settings: dict) -> list[EulerStep]:
     """The band-aligned schedule: groups from the highest band down, `euler_steps_per_group` geometric steps inside
     each band, starting at sigma_max and ending at sigma = 0 (the last step returns D itself)."""
-    bands, steps_per_group = settings["sigma_bands"], settings["euler_steps_per_group"]
-    sigma_data = settings["sigma_data"]
+    bands, steps_per_group = settings.sigma_bands, settings.euler_steps_per_group
+    sigma_data = settings.sigma_data
     knots, groups = [], []
     for group in reversed(range(len(bands) - 1)):
         low, high = bands[group], bands[group + 1]
@@ -442,7 +444,7 @@ class _EulerDenoiser:
         masks, position_embeddings, position_ids = self._masks_and_positions(clean, start, end)
         for index, step in enumerate(self.plan):
             cache = self.caches[index] if self.use_cache else None
-            hidden = _run_group(self.model, self.settings["layer_groups"][step.group], step.c_in * z, masks,
+            hidden = _run_group(self.model, self.settings.layer_groups[step.group], step.c_in * z, masks,
                                 position_embeddings, position_ids, cache=cache)
             denoised = step.c_skip * z + step.c_out * hidden
             z = step.keep * z + (1.0 - step.keep) * denoised

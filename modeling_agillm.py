@@ -595,17 +595,18 @@ class AgillmModel(AgillmPreTrainedModel):
     ) -> dict:
         """One mask per layer type for the objective's attention pattern, built by `masking_utils`."""
         config = self.config
+        attention = OBJECTIVES[objective].attention(config)
         mask_kwargs = {
             "config": config,
             "inputs_embeds": inputs_embeds,
             "attention_mask": attention_mask,
             "past_key_values": past_key_values,
         }
-        if objective == "ar":
+        if attention == "causal":
             layer_types = set(config.layer_types)
         else:
             layer_types = {"full_attention"}  # the config allows SAT/NAT heads only on full-attention models
-        if objective == "nat" and config.nat_block_size is None:  # AGILLM 4.x NAT: every token sees every token
+        if attention == "bidirectional":  # AGILLM 4.x NAT: every token sees every token
             no_skip = {"allow_is_bidirectional_skip": False} if config.uses_alibi and attention_mask is not None else {}
             return {"full_attention": create_bidirectional_mask(**mask_kwargs, **no_skip)}
         mask_kwargs["position_ids"] = position_ids
@@ -613,8 +614,8 @@ class AgillmModel(AgillmPreTrainedModel):
             mask_kwargs["allow_is_causal_skip"] = False
         if block_sequence_ids is not None:  # AR with images/audio: their placeholder runs are bidirectional blocks
             mask_kwargs["block_sequence_ids"] = block_sequence_ids
-        if objective != "ar":  # SAT, block NAT: tokens of one block see each other, earlier blocks causally
-            block_size = getattr(config, OBJECTIVES[objective].block_size_field)
+        if attention == "block_causal":  # SAT, block NAT: tokens of one block see each other, earlier blocks causally
+            block_size = OBJECTIVES[objective].block_size(config)
             kv_length = self._kv_length(inputs_embeds, attention_mask, past_key_values)
             batch_size = inputs_embeds.shape[0]
             key_positions = self._key_positions(attention_mask, past_key_values, position_ids, batch_size, kv_length)
@@ -631,9 +632,10 @@ class AgillmModel(AgillmPreTrainedModel):
 
     def _needs_alibi(self, objective: str) -> bool:
         """Whether `objective` attends with an ALiBi bias (AGILLM 4.x's clamped ALiBi is exactly zero on every key a
-        causal query sees, so AR skips it)."""
+        causal query sees, so causal attention skips it)."""
         config = self.config
-        return config.uses_alibi and not (config.position_embedding_type == "agillm_alibi" and objective == "ar")
+        causal = OBJECTIVES[objective].attention(config) == "causal"
+        return config.uses_alibi and not (config.position_embedding_type == "agillm_alibi" and causal)
 
     @property
     def _kernel_computes_alibi(self) -> bool:
@@ -720,7 +722,8 @@ class AgillmModel(AgillmPreTrainedModel):
         elif position_ids.numel() > 0:
             self.check_last_position(position_ids.max())
 
-        block_sequence_ids = self._media_block_ids(input_ids, past_key_values) if objective == "ar" else None
+        causal = OBJECTIVES[objective].attention(self.config) == "causal"
+        block_sequence_ids = self._media_block_ids(input_ids, past_key_values) if causal else None
         mask_per_layer_type = self.attention_masks(
             objective, inputs_embeds, attention_mask, past_key_values, position_ids, block_sequence_ids,
             fold_alibi=not self._kernel_computes_alibi,
@@ -729,7 +732,7 @@ class AgillmModel(AgillmPreTrainedModel):
             objective, inputs_embeds, attention_mask, past_key_values, position_ids, mask_per_layer_type
         ))
 
-        if objective != "ar":
+        if not causal:
             self._check_block_attention(objective)
             kwargs["is_causal"] = False  # sdpa would read a skipped (None) bidirectional mask as causal
 

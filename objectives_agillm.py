@@ -50,6 +50,16 @@ class Objective:
     block_size_field: str | None
     generation_modes: tuple[str, ...]
 
+    def block_size(self, config: AgillmConfig) -> int | None:
+        """Tokens per attention block; None for causal attention (AR) and for NAT over the whole sequence."""
+        return None if self.block_size_field is None else getattr(config, self.block_size_field)
+
+    def attention(self, config: AgillmConfig) -> str:
+        """The attention pattern: "causal", "block_causal" (blocks of `block_size`) or "bidirectional"."""
+        if self.block_size_field is None:
+            return "causal"
+        return "bidirectional" if self.block_size(config) is None else "block_causal"
+
 
 OBJECTIVES = {
     "ar": Objective("lm_head", None, ("ar", "staged", "verify_and_draft")),

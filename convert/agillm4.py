@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
+from huggingface_hub.errors import StrictDataclassError
 from transformers import GenerationConfig
 from transformers.utils.logging import tqdm
 
@@ -451,7 +452,7 @@ def agillm4_config(checkpoint: Mapping, arch: NativeArchitecture) -> AgillmConfi
             eos_token_id=eos_id,
             bos_token_id=None,
         )
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, StrictDataclassError) as error:
         raise ConversionError(f"This AGILLM 4.x checkpoint cannot be expressed as an AgillmConfig: {error}") from error
 
 

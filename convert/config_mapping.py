@@ -23,6 +23,7 @@ The two MoE families route as AGILLM's `softmax_topk` router: softmax over the r
 | qwen3_moe | `num_experts`       | `moe_intermediate_size` | `mlp_only_layers`, and layer i when `decoder_sparse_step` ∤ i + 1 |
 """
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -249,5 +250,5 @@ def agillm_config_from(source_config: PreTrainedConfig) -> AgillmConfig:
     fields.update(FAMILY_FIELDS[model_type](source_config))
     try:
         return AgillmConfig(**fields)
-    except (ValueError, TypeError) as error:  # AgillmConfig's own validation, e.g. sliding layers without a window
+    except (ValueError, TypeError, StrictDataclassError) as error:  # AgillmConfig's checks, e.g. a window missing
         raise ConversionError(f"This {model_type} config cannot be expressed as an AgillmConfig: {error}") from error

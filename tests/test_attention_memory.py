@@ -17,6 +17,7 @@ Budget: about 25 s of CPU time (47 s wall on a 2-core machine shared with other 
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from bench.kv_cache import cache_bytes
 
@@ -220,5 +221,5 @@ def test_eager_equals_sdpa(make_model, prompts, variant):
     ],
 )
 def test_invalid_sharing_configs_raise(make_config, overrides, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(StrictDataclassError, match=message):
         make_config(num_hidden_layers=4, **overrides)

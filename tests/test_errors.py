@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from modeling_agillm import AgillmForCausalLM
 
@@ -16,7 +17,7 @@ INVALID_CONFIGS = {
     "heads_do_not_divide_hidden": ({"hidden_size": 30}, r"hidden_size \(30\) must be divisible by num_attention"),
     "kv_heads_do_not_divide_heads": ({"num_key_value_heads": 3}, r"num_key_value_heads \(3\) must divide"),
     "non_positive_size": ({"vocab_size": 0}, r"vocab_size must be a positive integer"),
-    "unknown_layer_type": ({"layer_types": ["sparse_attention", "full_attention"]}, r"Unknown layer type.*sparse"),
+    "unknown_layer_type": ({"layer_types": ["sparse_attention", "full_attention"]}, r"layer_types.*sparse_attention"),
     "sliding_layer_without_window": (
         {"layer_types": ["sliding_attention", "full_attention"]}, r"sliding_attention layers need a positive sliding"
     ),
@@ -26,24 +27,38 @@ INVALID_CONFIGS = {
     "chunked_layer_without_chunk": (
         {"layer_types": ["chunked_attention", "full_attention"]}, r"chunked_attention layers need a positive"
     ),
-    "layer_types_length": ({"layer_types": ["full_attention"]}, r"layer_types has 1 entries but num_hidden_layers"),
+    "layer_types_length": ({"layer_types": ["full_attention"]}, r"layer_types has 1 entries, expected 2"),
     "nope_index_too_large": ({"nope_layers": [2]}, r"nope_layers \[2\] are not layer indices"),
     "nope_index_negative": ({"nope_layers": [-1]}, r"nope_layers \[-1\] are not layer indices"),
-    "unknown_norm_type": ({"norm_type": "batch_norm"}, r"norm_type must be one of .*'batch_norm'"),
+    "unknown_norm_type": ({"norm_type": "batch_norm"}, r"norm_type.*expected one of .*batch_norm"),
     "unknown_rope_type": ({"rope_parameters": {"rope_type": "spiral", "rope_theta": 1.0e4}}, r"Unknown rope_type"),
 }
 
 
 @pytest.mark.parametrize("overrides, message", INVALID_CONFIGS.values(), ids=INVALID_CONFIGS.keys())
 def test_invalid_config_raises_at_construction(make_config, overrides, message):
-    with pytest.raises(ValueError, match=message):
+    """As transformers' own configs: huggingface_hub's strict-dataclass errors, naming the field."""
+    with pytest.raises(StrictDataclassError, match=message):
         make_config(**overrides)
 
 
 def test_rope_parameters_missing_required_key_are_rejected(make_config):
-    """transformers' own RoPE validation runs at construction too; AGILLM reports it as a ValueError naming the key."""
-    with pytest.raises(ValueError, match="factor"):
+    """transformers' own RoPE validation runs at construction too; AGILLM's error names the missing key."""
+    with pytest.raises(StrictDataclassError, match="factor"):
         make_config(rope_parameters={"rope_type": "linear", "rope_theta": 1e4})
+
+
+def test_edited_configs_are_checked_on_assignment_validate_and_save(make_config, tmp_path):
+    """A closed choice is checked when assigned; a combination by `validate()` and before `save_pretrained` writes."""
+    config = make_config()
+    with pytest.raises(StrictDataclassError, match="norm_type.*batch_norm"):
+        config.norm_type = "batch_norm"
+    config.num_key_value_heads = 3  # a valid int, an invalid combination
+    with pytest.raises(StrictDataclassError, match=r"validate_architecture.*\n.*num_key_value_heads \(3\) must divide"):
+        config.validate()
+    with pytest.raises(StrictDataclassError, match=r"num_key_value_heads \(3\) must divide"):
+        config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
 
 
 def test_valid_edge_configs_are_accepted(make_config):

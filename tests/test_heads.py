@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import Trainer, TrainingArguments
 
 from conftest import TinyRows, build_tiny_config
@@ -375,7 +376,7 @@ def test_tied_heads_share_the_embedding():
     ],
 )
 def test_invalid_configs_are_refused(fields, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(StrictDataclassError, match=message):
         tiny_config(**fields)
 
 

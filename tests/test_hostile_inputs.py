@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from PIL import Image
 
 from configuration_agillm import AgillmConfig
@@ -29,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 NAN, INF = math.nan, math.inf
 
 # --------------------------------------------------------------------------------------------- configs
-# (config overrides on top of the tiny defaults, regex the ValueError must match)
+# (config overrides on top of the tiny defaults, regex the error must match)
 INVALID_NUMBERS = {
     "norm_eps_nan": ({"rms_norm_eps": NAN}, r"rms_norm_eps must be a finite number in \(0, inf\), got nan"),
     "norm_eps_inf": ({"rms_norm_eps": INF}, r"rms_norm_eps .* got inf"),
@@ -82,7 +83,7 @@ INVALID_NUMBERS = {
 
 @pytest.mark.parametrize("overrides, message", INVALID_NUMBERS.values(), ids=INVALID_NUMBERS.keys())
 def test_invalid_numbers_and_names_raise_at_construction(make_config, overrides, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(StrictDataclassError, match=message):
         make_config(**overrides)
 
 

@@ -18,6 +18,7 @@ import math
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import Trainer, TrainingArguments
 
 import generation_agillm
@@ -251,7 +252,7 @@ def test_what_verify_and_draft_cannot_do_is_rejected(make_model):
         with pytest.raises(ValueError, match=message):
             model.generate(**{"input_ids": ids, **kwargs}, generation_mode="verify_and_draft", max_new_tokens=4)
     for overrides in ({"heads": ["ar"]}, {"nat_block_size": 1}, {"nat_block_size": None}):
-        with pytest.raises(ValueError, match="nat_objective='draft' trains a block NAT head"):
+        with pytest.raises(StrictDataclassError, match="nat_objective='draft' trains a block NAT head"):
             make_model(vocab_size=VOCAB, **{"heads": ["ar", "nat"], **overrides}, nat_objective="draft")
-    with pytest.raises(ValueError, match="nat_objective must be one of"):
+    with pytest.raises(StrictDataclassError, match="nat_objective.*expected one of.*diffuse"):
         make_model(vocab_size=VOCAB, heads=["ar", "nat"], nat_objective="diffuse")
