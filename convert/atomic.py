@@ -159,3 +159,35 @@ def _replace(staging: Path, target: Path) -> None:
         backup.rename(target)
         raise
     shutil.rmtree(backup, ignore_errors=True)
+
+
+def check_output_file(target: Path, overwrite: bool) -> None:
+    """Fail before any work is done if the file `target` cannot be (re)placed."""
+    target = Path(target)
+    if target.is_dir():
+        raise IsADirectoryError(f"{target} is a folder; give the path of the file to write.")
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it.")
+    check_output_dir(target, overwrite=True)  # a parent that is a file
+
+
+@contextmanager
+def atomic_file(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path next to `target`; on success it replaces `target`, on error it is deleted.
+
+    The single-file twin of `atomic_directory` (same staging name), for outputs such as a GGUF file: readers see
+    the old file or the complete new one. The file's mode follows the umask.
+    """
+    target = Path(target).absolute()
+    check_output_file(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, name = tempfile.mkstemp(prefix=_staging_prefix(target, "tmp"), dir=target.parent)
+    os.close(descriptor)
+    staging = Path(name)
+    try:
+        yield staging
+        os.chmod(staging, 0o666 & ~current_umask())  # mkstemp creates it 0600
+        os.replace(staging, target)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
