@@ -65,6 +65,7 @@ try:  # a saved model folder (remote code): sibling modules of the same package
     from .configuration_agillm import AgillmConfig
     from .diffusion_blocks_agillm import DiffusionBlocksState, diffusion_blocks_training_step, diffusion_euler_generate
     from .generation_agillm import GENERATION_MODES, agillm_generate
+    from .model_card_agillm import write_saved_model_card
     from .layers_agillm import AgillmMLP, AgillmRotaryEmbedding, add_bias_to_mask, alibi_bias, alibi_slopes, build_norm
     from .moe_agillm import (
         AgillmExperts,
@@ -106,6 +107,7 @@ except ImportError:  # this repository, imported as top-level modules
     from configuration_agillm import AgillmConfig
     from diffusion_blocks_agillm import DiffusionBlocksState, diffusion_blocks_training_step, diffusion_euler_generate
     from generation_agillm import GENERATION_MODES, agillm_generate
+    from model_card_agillm import write_saved_model_card
     from layers_agillm import AgillmMLP, AgillmRotaryEmbedding, add_bias_to_mask, alibi_bias, alibi_slopes, build_norm
     from moe_agillm import (
         AgillmExperts,
@@ -237,7 +239,18 @@ class AgillmPreTrainedModel(AttentionBackendSupport, PreTrainedModel):
         return True
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, **kwargs):
-        """transformers' `save_pretrained`, shipping AGILLM's code and `auto_map` even when an engine re-classed us.
+        """transformers' `save_pretrained`, plus a model card (`model_card_agillm.py`) when the folder has none.
+
+        With `push_to_hub=True` transformers uploads during the save, before the card exists (as `push_to_hub`, it
+        then publishes the Hub's card or its generic one); `upload_folder` on the saved folder publishes this card.
+        """
+        result = self._save_with_agillm_code(save_directory, is_main_process, **kwargs)
+        if self.should_save_on_this_rank(is_main_process):
+            write_saved_model_card(self, save_directory)
+        return result
+
+    def _save_with_agillm_code(self, save_directory, is_main_process: bool, **kwargs):
+        """transformers' save, shipping AGILLM's code and `auto_map` even when an engine re-classed us.
 
         FSDP2's `fully_shard` swaps the instance's class for a subclass it builds at run time (`FSDPAgillmForCausalLM`,
         module `torch.distributed.fsdp._fully_shard._fsdp_init`). transformers' `custom_object_save` exports the

@@ -8,6 +8,7 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 
 from configuration_agillm import AgillmConfig
+from model_card_agillm import architecture_rows, table
 
 
 @dataclass
@@ -31,52 +32,6 @@ class Provenance:
     notes: list[str] = field(default_factory=list)  # caveats worth a line each (e.g. no tokenizer was found)
 
 
-def _architecture_rows(config: AgillmConfig, dtype: torch.dtype) -> list[tuple[str, str]]:
-    kinds = sorted(set(config.layer_types))
-    attention = ", ".join(f"{config.layer_types.count(kind)} x {kind}" for kind in kinds)
-    if config.sliding_window is not None:
-        attention += f" (window {config.sliding_window})"
-    return [
-        ("layers / hidden / MLP", f"{config.num_hidden_layers} / {config.hidden_size} / {config.intermediate_size}"),
-        ("heads (query / key-value) x head_dim",
-         f"{config.num_attention_heads} / {config.num_key_value_heads} x {config.head_dim}"),
-        ("attention layers", attention),
-        ("bias (q/k/v, o, MLP)", f"{config.attention_bias}, {config.attention_output_bias}, {config.mlp_bias}"),
-        ("QK-norm", str(config.use_qk_norm)),
-        _positions_row(config),
-        ("MLP", f"{config.mlp_type}, {config.hidden_act}, norm {config.norm_type} (eps {config.rms_norm_eps})"),
-        *_moe_rows(config),
-        ("tied key/value projection", str(config.tie_kv)),
-        ("heads", ", ".join(config.heads) + (" (with bias)" if config.head_bias else "")),
-        ("vocabulary / context", f"{config.vocab_size} / {config.max_position_embeddings}"),
-        ("tied embeddings", str(config.tie_word_embeddings)),
-        ("weights dtype", str(dtype).removeprefix("torch.")),
-    ]
-
-
-def _positions_row(config: AgillmConfig) -> tuple[str, str]:
-    if config.position_embedding_type == "rope":
-        return "RoPE", ", ".join(f"{key}={value}" for key, value in config.rope_parameters.items())
-    return "positions", f"`{config.position_embedding_type}` (no RoPE)"
-
-
-def _moe_rows(config: AgillmConfig) -> list[tuple[str, str]]:
-    if not config.num_experts:
-        return []
-    shared = config.shared_expert_intermediate_size
-    return [("MoE", f"{config.num_experts} experts x {config.moe_intermediate_size}, top-{config.num_experts_per_tok} "
-                    f"({config.router_type})" + (f", shared expert {shared}" if shared else ""))]
-
-
-def _cell(text) -> str:
-    """Table cells are one line, and a `|` inside one would end it."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(rows: list[tuple[str, str]]) -> str:
-    return "\n".join(f"| {_cell(name)} | {_cell(value)} |" for name, value in rows)
-
-
 def _source_sections(provenance: Provenance) -> str:
     """The source checkpoint's own record (table of scalars, full JSON) and the caveats, when there are any."""
     sections = ""
@@ -86,7 +41,7 @@ def _source_sections(provenance: Provenance) -> str:
 
 | field | value |
 |---|---|
-{_table(provenance.source_details)}
+{table(provenance.source_details)}
 """
     if provenance.source_record:
         record = json.dumps(provenance.source_record, indent=1, default=str)
@@ -146,7 +101,7 @@ def build_model_card(
     what = provenance.name or f"a {provenance.model_type} model"
     if provenance.base_model:
         what = f"[`{provenance.base_model}`](https://huggingface.co/{provenance.base_model}), {what},"
-    table = _table(_architecture_rows(config, dtype))
+    rows = table(architecture_rows(config, dtype))
     license_line = "That of the source model."
     if provenance.license:
         license_line = f"`{provenance.license}`, as the source model."
@@ -162,7 +117,7 @@ This folder holds {what} converted to AGILLM: {provenance.fidelity}.
 
 | field | value |
 |---|---|
-{table}
+{rows}
 
 ## Usage
 
