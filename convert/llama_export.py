@@ -46,7 +46,7 @@ from configuration_agillm import AgillmConfig
 
 from .atomic import atomic_directory, check_output_dir
 from .config_mapping import SHARED_FIELDS, ConversionError, agillm_config_from
-from .converter import TOKENIZER_FILES, _config_dtype, _generation_config, _resolve_dtype
+from .converter import TOKENIZER_FILES, _config_dtype, _generation_config, _resolve_dtype, read_generation_config
 from .reading import read_json, reading
 from .weights import TIED_TARGET, CheckpointFolderTensors, collect_agillm_weights
 
@@ -143,11 +143,7 @@ def read_agillm_source(source, tokenizer=None) -> AgillmSource:
     with reading(config_path, "config"):
         config = AgillmConfig.from_pretrained(folder)
     tensors = CheckpointFolderTensors(folder)
-    if (folder / "generation_config.json").is_file():
-        with reading(folder / "generation_config.json", "generation config"):
-            generation_config = GenerationConfig.from_pretrained(folder)
-    else:
-        generation_config = GenerationConfig.from_model_config(config)
+    generation_config = read_generation_config(folder, config)
     if tokenizer is None and any((folder / name).is_file() for name in TOKENIZER_FILES):
         tokenizer = folder
     return AgillmSource(

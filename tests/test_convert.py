@@ -381,7 +381,9 @@ def test_unsupported_model_objects(tmp_path):
     with pytest.raises(ConversionError, match="tokenizer has 8192 tokens"):
         convert_to_agillm(reference_model("qwen3-tied-default"), tmp_path / "agillm", tokenizer=TOKENIZER_DIR)
     with pytest.raises(ConversionError, match="not a local folder"):
-        convert_to_agillm("no/such-model", tmp_path / "agillm")
+        convert_to_agillm(tmp_path / "no-such-folder", tmp_path / "agillm")
+    with pytest.raises(ConversionError, match="no/such-model is neither a local folder nor a model in the Hugging"):
+        convert_to_agillm("no/such-model", tmp_path / "agillm")  # a Hub id that is not in the local cache
     assert_nothing_written(tmp_path, keep=set())
 
 
@@ -401,6 +403,30 @@ def test_bin_checkpoint_folder(tmp_path):
     agillm = load_converted(convert_to_agillm(tmp_path / "source", tmp_path / "agillm"))
     batch = left_padded_batch()
     assert (real_token_logits(agillm, batch) - real_token_logits(reference, batch)).abs().max() <= TOLERANCE
+
+
+def test_hub_id_converts_from_the_local_cache_and_never_downloads(tmp_path, monkeypatch, capsys):
+    """`python -m convert owner/name OUT` reads the model from the Hugging Face cache, laid out as `hf download`
+    leaves it (refs/main -> snapshots/<commit>/); a model that is not cached is one clear error."""
+    cache = tmp_path / "hub-cache"
+    snapshot = cache / "models--someone--tiny-qwen3" / "snapshots" / "0123456789abcdef"
+    reference = reference_model("qwen3-tied-default")
+    reference.save_pretrained(snapshot)
+    (cache / "models--someone--tiny-qwen3" / "refs").mkdir()
+    (cache / "models--someone--tiny-qwen3" / "refs" / "main").write_text("0123456789abcdef")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)  # "someone/tiny-qwen3" is not a folder here
+
+    assert cli_main(["someone/tiny-qwen3", str(tmp_path / "agillm")]) == 0
+    agillm = load_converted(tmp_path / "agillm")
+    batch = left_padded_batch()
+    assert (real_token_logits(agillm, batch) - real_token_logits(reference, batch)).abs().max() <= TOLERANCE
+    assert metadata_load(tmp_path / "agillm" / "README.md")["base_model"] == "someone/tiny-qwen3"
+
+    with pytest.raises(ConversionError, match=r"someone/not-cached is neither a local folder nor a model in the "
+                                              r"Hugging Face cache .*hf download someone/not-cached"):
+        convert_to_agillm("someone/not-cached", tmp_path / "other")
+    assert not (tmp_path / "other").exists()
 
 
 def test_unsupported_gguf_architecture_is_rejected_from_the_header(tmp_path):
