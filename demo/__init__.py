@@ -13,4 +13,7 @@ Three parts, each skippable from the command line (`python -m demo --help`):
    accuracies and save example images. Needs `make data-multimodal` (npm and Debian packages, fetched once).
 
 Everything runs offline: the model weights and the corpus come from installed packages.
+
+`python -m demo.pretrain --text FILE_OR_DIR...` (or `--dataset NAME_OR_PATH`) runs the pre-training of part 2 on your
+own text instead; `python -m tokenizer.build_tokenizer --text ... --output-dir DIR` trains a tokenizer on it first.
 """

@@ -19,7 +19,7 @@ from pathlib import Path  # noqa: E402
 # cannot fetch an optional Hub kernel. Nothing here uses bitsandbytes, so that warning is noise.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-from demo import multimodal, pretrain_shakespeare, smollm2_chat  # noqa: E402
+from demo import multimodal, pretrain, pretrain_shakespeare, smollm2_chat  # noqa: E402
 from demo.time_cap import loud_warning  # noqa: E402
 
 
@@ -57,6 +57,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="stop the Shakespeare training after this many minutes even if steps remain; the run then warns loudly "
         "and its metrics and the summary say it was cut short (default: no cap)",
     )
+    parser.add_argument(
+        "--report-to",
+        nargs="+",
+        default=["none"],
+        metavar="INTEGRATION",
+        help="Trainer integrations the Shakespeare pre-training also logs to (e.g. tensorboard, trackio, where "
+        "installed), in OUTPUT_DIR/logs (default: none)",
+    )
     parser.add_argument("--skip-multimodal", action="store_true", help="skip the multimodal training")
     parser.add_argument(
         "--multimodal-steps",
@@ -79,6 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for option in ("train_time_cap_minutes", "multimodal_time_cap_minutes"):
         if getattr(args, option) is not None and getattr(args, option) <= 0:
             parser.error(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
+    try:
+        args.report_to = pretrain.reporting_integrations(args.report_to)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -202,7 +214,7 @@ def main(argv=None) -> None:
         text = training_text(args.train_steps, args.train_time_cap_minutes)
         banner(f"2. Pre-train a small AGILLM on Shakespeare ({text})")
         metrics = timed(PRETRAIN_STEP, timings, pretrain_shakespeare.run, output_dir, args.train_steps,
-                        seed=args.seed, time_cap_minutes=args.train_time_cap_minutes)
+                        seed=args.seed, time_cap_minutes=args.train_time_cap_minutes, report_to=args.report_to)
         if metrics["stopped_by_time_cap"]:
             cut_short.append(f"Shakespeare pre-training {metrics['time_cap_note']}")
 
