@@ -13,6 +13,7 @@
 `python -m bench moe_kernels [--quick] [...]`: MoE experts kernel agillm_grouped vs stock, CPU (`bench.moe_kernels`).
 `python -m bench attention_kernels [--quick]`: attn_implementation="agillm" vs stock attention on CPU (`bench.attention_kernels`).
 `python -m bench verify_and_draft [--quick] [...]`: single-forward staged decoding vs AR greedy (`bench.verify_and_draft`).
+`python -m bench async_workers [--quick] [...]`: DiLoCo (torchft) vs DDP at equal compute, PP generate (`bench.async_workers`).
 """
 
 import sys
@@ -22,6 +23,7 @@ from . import moe_kernels
 from . import fused_cross_entropy
 from . import attention_kernels
 from . import verify_and_draft
+from . import async_workers
 
 
 if __name__ == "__main__":
@@ -53,5 +55,7 @@ if __name__ == "__main__":
         moe_kernels.main(sys.argv[2:])
     elif sys.argv[1:2] == ["verify_and_draft"]:
         verify_and_draft.main(sys.argv[2:])
+    elif sys.argv[1:2] == ["async_workers"]:
+        async_workers.main(sys.argv[2:])
     else:
         compare_llama.main()
