@@ -87,6 +87,7 @@ AGILLM_VARIANTS = [
     ("int8 eager", "int8", "eager"),
     ("int8 static + compile", "int8", "compile"),
     ("int8 AOTInductor", "int8", "aot"),
+    ("int8 AOTInductor + max_autotune", "int8", "aot-tuned"),  # inductor's C++ GEMM template, when it times faster
     ("int4 eager", "int4", "eager"),
     ("int4 static + compile", "int4", "compile"),
     ("int4 AOTInductor", "int4", "aot"),
@@ -168,7 +169,7 @@ def generate_kwargs(input_ids: torch.Tensor, plan: Plan, path: str, decoder: Exp
         "max_new_tokens": plan.new_tokens,
         "pad_token_id": 0,
     }
-    if path == "aot":
+    if path.startswith("aot"):
         kwargs["custom_generate"] = decoder
     elif path == "compile":
         compile_config = CompileConfig(fullgraph=True) if plan.compile_mode is None else CompileConfig(
@@ -284,13 +285,14 @@ def run(plan: Plan, threads: int, llama_python: str | None) -> tuple[list[Varian
 
 
 def compile_decoders(models, setup_name: str, max_cache_len: int) -> tuple[dict, dict]:
-    """An `ExportedDecoder` per weight format that has an AOTInductor row, and the seconds each took to compile."""
+    """An `ExportedDecoder` per AOTInductor row (by row name), and the seconds each took to compile."""
     decoders, seconds = {}, {}
     for name, weights, path in AGILLM_VARIANTS:
-        if path == "aot":
+        if path.startswith("aot"):
             start = time.perf_counter()
-            decoders[weights] = ExportedDecoder.compile(
-                models[weights], max_cache_len, AOT_DIR / f"{setup_name}-{weights}.pt2")
+            decoders[name] = ExportedDecoder.compile(
+                models[weights], max_cache_len, AOT_DIR / f"{setup_name}-{weights}-{path}.pt2",
+                max_autotune=path == "aot-tuned")
             seconds[name] = time.perf_counter() - start
             print(f"[compile] {name}: {seconds[name]:.1f} s", flush=True)
     return decoders, seconds
@@ -300,7 +302,7 @@ def decode_variant(variant: Variant, models, decoders, workers, prompt, plan: Pl
     if variant.llama_format is not None:
         speed, tokens = workers[variant.llama_format].decode(prompt[0].tolist(), plan.new_tokens)
     else:
-        kwargs = generate_kwargs(prompt, plan, variant.path, decoders.get(variant.weights))
+        kwargs = generate_kwargs(prompt, plan, variant.path, decoders.get(variant.name))
         speed, tokens = decode_once(models[variant.weights], kwargs)
     if record:
         variant.greedy = tokens
@@ -420,7 +422,9 @@ def markdown_report(rows, bandwidths, streaming: tuple[float, str], first_calls,
         "- AOTInductor: `ExportedDecoder.compile(model, max_cache_len=prompt + new tokens)` (`torch.export` of "
         "transformers' static-cache export recipe, compiled by AOTInductor into a .pt2 package), then "
         "`generate(custom_generate=decoder)`: the same processors, stopping criteria and greedy choice as `generate`, "
-        "every forward one call into the compiled library. Export + compile + first call: "
+        "every forward one call into the compiled library; `+ max_autotune`: `compile(..., max_autotune=True)`, "
+        "inductor times its C++ GEMM template against the ATen kernel per matmul and keeps the faster. "
+        "Export + compile + first call: "
         + ", ".join(f"{name} {s:.0f} s" for name, s in first_calls.items() if "AOT" in name) + ".",
         "- roofline = roofline bandwidth / bytes per decode step (weights in the format used, the embedding as one "
         "row when the head has its own matrix, KV cache). fp32 and bf16 models keep the head tied to the embedding, "

@@ -108,6 +108,20 @@ def test_int4_weights_export_as_they_are(tmp_path):
     assert torch.equal(output, expected)
 
 
+def test_autotuned_int8_package_computes_the_model_logits(tmp_path):
+    """`max_autotune=True`: inductor may swap the int8 matmuls for its own C++ template, which must compute the same
+    function (to fp32 accumulation rounding) on the prompt and on cached steps."""
+    model = quantize_weights(build_tiny_model(seed=6), bits=8, compute_dtype=torch.float32)
+    decoder = ExportedDecoder.compile(model, 24, tmp_path / "int8-tuned.pt2", max_autotune=True)
+    ids = prompt(9, seed=7)
+    with torch.no_grad():
+        expected = model(ids).logits
+    torch.testing.assert_close(decoder.forward(ids[:, :6], start=0), expected[:, :6], rtol=1e-4, atol=1e-4)
+    for position in range(6, 9):
+        torch.testing.assert_close(decoder.forward(ids[:, position:position + 1], start=position),
+                                   expected[:, position:position + 1], rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------ what it refuses
 
 
