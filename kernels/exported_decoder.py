@@ -93,7 +93,7 @@ class ExportedDecoder:
         """Export `model` (in eval mode, as it will run) and compile it into `package_path`, written atomically.
 
         `max_autotune=True` lets inductor time its own C++ GEMM template against the ATen kernel for every matmul
-        and keep the faster (weights frozen into the library). For weight-only int8 the template won: 1.29x the
+        and keep the faster (weights frozen into the library). For weight-only int8 the template won: 1.32x the
         decode speed of SmolLM2-135M on 2 CPU threads (bench/cpu_decode.md), for about 40 s more compilation. Its
         fp32 accumulation differs from ATen's in rounding, so greedy tokens of a low-bit model may part earlier.
         """
