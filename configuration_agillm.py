@@ -43,7 +43,7 @@ SERIALIZED_CONFIG_KEYS = frozenset({"model_type", "transformers_version", "_name
 
 
 # The closed choices of string fields, as transformers' configs type them (`Literal`): `@strict` checks a value on
-# every assignment. The tuples are the same choices for code that iterates over them.
+# every assignment.
 # Attention kinds a layer can have; names are transformers' own layer types, so `DynamicCache(config=...)`,
 # `StaticCache` and `masking_utils` pick the right cache layer and mask per layer without extra code.
 LayerType = Literal["full_attention", "sliding_attention", "chunked_attention"]
@@ -57,16 +57,7 @@ QkNormType = Literal["learned", "unweighted_post_rope"]
 HeadName = Literal["ar", "sat", "nat"]
 NatObjective = Literal["denoise", "draft"]  # see `nat_objective`
 GroupChoice = Literal["loss_balanced", "round_robin", "random"]  # see `AgillmDiffusionBlocksConfig.group_choice`
-AGILLM_LAYER_TYPES = get_args(LayerType)
-AGILLM_NORM_TYPES = get_args(NormType)
-AGILLM_POSITION_TYPES = get_args(PositionEmbeddingType)
-AGILLM_MLP_TYPES = get_args(MlpType)
-AGILLM_ROUTER_TYPES = get_args(RouterType)
-AGILLM_MLP_LAYER_TYPES = get_args(MlpLayerType)
-AGILLM_ROUTER_SCOPES = get_args(RouterScope)
-AGILLM_QK_NORM_TYPES = get_args(QkNormType)
-AGILLM_HEADS = get_args(HeadName)
-NAT_OBJECTIVES = get_args(NatObjective)
+AGILLM_HEADS = get_args(HeadName)  # the heads' names, for the checks that iterate over them
 NEEDS_ONE_PARTITION = ("diffusion_blocks needs exactly one of layer_groups (list of [start, end) layer ranges) or "
                        "num_groups (AGILLM 4.x's uniform partition).")
 DIFFUSION_BLOCKS_OBJECTIVES = ("ar", "sat")  # NAT is not an EDM objective in AGILLM 4.x (no noise level, no c_in)
