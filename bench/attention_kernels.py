@@ -33,6 +33,7 @@ from layers_agillm import alibi_bias, alibi_slopes
 
 from .cli import bench_parser, parse_bench_args, write_report
 from .compare_llama import machine_info
+from .timing import keep_freed_memory
 
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
@@ -135,6 +136,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     rounds = 7 if args.quick else 21
     torch.set_num_threads(args.threads)
+    allocator_steady = keep_freed_memory()
     kernels.enable()
     results = []
     for pattern in ("causal", "sliding", "alibi"):
@@ -143,7 +145,7 @@ def main(argv=None) -> dict:
                 result = run_case(pattern, batch, seq, backward, rounds)
                 results.append(result)
                 print(json.dumps(result), flush=True)
-    machine = machine_info(torch.get_num_threads())
+    machine = {**machine_info(torch.get_num_threads()), "allocator_keeps_freed_memory": allocator_steady}
     raw = {"rounds": rounds, "machine": machine, "results": results}
     write_report(args.output, markdown_report(results, rounds, machine), raw)
     return raw
@@ -158,7 +160,10 @@ def markdown_report(results, rounds, machine) -> str:
         f"transformers {machine['transformers']}. Shapes: SmolLM2-135M heads (9 q / 3 kv, head_dim 64), "
         f"sliding window {WINDOW}. ratio = best stock median / agillm median (> 1: agillm faster); paired ratio = "
         "median over rounds of (best stock / agillm) within the round. "
-        "The Triton kernel is not timed: no GPU here (GPU timing is a later step).\n\n"
+        "The Triton kernel is not timed: no GPU here (GPU timing is a later step). Allocator: "
+        + ("glibc told to keep freed memory (`bench.timing.keep_freed_memory`), so backward buffers are not "
+           "page-faulted back in on every call." if machine.get("allocator_keeps_freed_memory") else "glibc defaults.")
+        + "\n\n"
     )
     lines = ["| pattern | B x S | mode | eager ms | sdpa ms | flex ms | agillm ms | best stock | ratio | paired |",
              "|---|---|---|---|---|---|---|---|---|---|"]

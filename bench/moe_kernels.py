@@ -25,7 +25,7 @@ import torch
 
 from .cli import bench_parser, parse_bench_args, write_report
 from .compare_llama import machine_info
-from .timing import interleaved
+from .timing import interleaved, keep_freed_memory
 
 
 STOCK = ("eager", "batched_mm", "grouped_mm")
@@ -219,6 +219,10 @@ def markdown_report(rows: list[dict], machine: dict, plan: Plan, seconds: float)
         f"- Implementations alternate within each round (`bench.timing.interleaved`); {plan.warmup} warm-up "
         f"round(s), then the median of {plan.repeats} rounds; a round repeats one implementation for about "
         f"{ROUND_SECONDS * 1e3:.0f} ms (calls counted once beforehand).",
+        "- Allocator: " + ("glibc told to keep freed memory (`bench.timing.keep_freed_memory`, as jemalloc or "
+                           "tcmalloc do): otherwise the weight gradients of a 1-token backward are page-faulted "
+                           "back in on every call and that, not the kernels, decides the row."
+                           if machine.get("allocator_keeps_freed_memory") else "glibc defaults (not glibc here)."),
         f"- batched_mm is skipped where its per-pair copy of the expert weights would exceed "
         f"{BATCHED_MM_LIMIT_BYTES // 2**20} MiB.",
         f"- Outputs agree with eager before timing (max abs difference <= {OUTPUT_ATOL}; per row in the JSON).",
@@ -247,6 +251,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     plan = Plan.quick() if args.quick else Plan()
     torch.set_num_threads(args.threads)
+    allocator_steady = keep_freed_memory()
     kernels.enable()
     try:
         start = time.perf_counter()
@@ -254,7 +259,7 @@ def main(argv=None) -> dict:
         seconds = time.perf_counter() - start
     finally:
         kernels.disable()
-    machine = machine_info(torch.get_num_threads())
+    machine = {**machine_info(torch.get_num_threads()), "allocator_keeps_freed_memory": allocator_steady}
     raw = {"plan": asdict(plan), "shapes": [asdict(shape) for shape in SHAPES], "machine": machine,
            "seconds": seconds, "rows": rows}
     write_report(args.output, markdown_report(rows, machine, plan, seconds), raw)

@@ -28,8 +28,9 @@ On CUDA with Triton the two GEMMs run as Triton grouped-GEMM kernels with the ga
 weights fused in (`kernels/triton_moe.py`). On CPU there are two schedules of the same math, picked by segment
 length (`_by_segment`): whole-batch phases with `torch.nn.functional.grouped_mm` (one call for all experts; a loop
 over non-empty segments where that op is missing) for many short segments, and one expert at a time, every step
-on cache-resident rows, for long segments. Inference on a few pairs (a decode step) skips the sort altogether
-(`_decode_forward`: two matrix-vector products per pair on the expert's weights in place).
+on cache-resident rows, for long segments. A call on a few pairs (a decode step, a training call on a token or two)
+skips the sort altogether (`PairList`: matrix-vector products per pair on the expert's weights in place, forward
+and backward).
 """
 
 from dataclasses import dataclass
@@ -231,24 +232,106 @@ def _experts_rows_by_segment(experts, hidden_states, plan: RoutingPlan, routing_
     return output, projected
 
 
-def _decode_forward(experts, hidden_states, top_k_index, top_k_weights, weights: ExpertWeights) -> torch.Tensor:
-    """Inference on a handful of (token, expert) pairs (a decode step): two matrix-vector products per pair read
-    the expert's weights in place; sorting, offsets and scatter would cost more than the products themselves."""
-    chosen = top_k_index.tolist()
-    if any(not 0 <= expert < experts.num_experts for row in chosen for expert in row):
-        raise ValueError(f"top_k_index holds expert ids outside [0, num_experts) ({experts.num_experts}).")
-    outputs = []
-    for token, (experts_of_token, weights_of_token) in enumerate(zip(chosen, top_k_weights)):
-        rows = hidden_states[token].to(weights.up.dtype)
-        output = None
-        for slot, expert in enumerate(experts_of_token):
-            up_bias = weights.up_bias[expert] if weights.up_bias is not None else None
-            down_bias = weights.down_bias[expert] if weights.down_bias is not None else None
-            activated = _activate(experts, F.linear(rows, weights.up[expert], up_bias))
-            contribution = F.linear(activated, weights.down[expert], down_bias).mul_(weights_of_token[slot])
-            output = contribution if output is None else output.add_(contribution)
-        outputs.append(output)
-    return torch.stack(outputs).to(hidden_states.dtype)
+@dataclass
+class PairList:
+    """The (token, expert) pairs of a small call in `top_k_index` order (pair `token * top_k + slot`).
+
+    With a handful of pairs (a decode step, a 1-token training call), one matrix product per pair on its expert's
+    weight in place costs less than sorting the pairs and running grouped GEMMs, which on CPU step through every
+    expert, empty or not.
+    """
+
+    experts: list[int]  # expert of each pair, read once on the host
+    expert_index: torch.Tensor  # the same as a tensor [P]
+    top_k: int
+
+    @classmethod
+    def of(cls, top_k_index: torch.Tensor, num_experts: int) -> "PairList":
+        experts = top_k_index.reshape(-1).tolist()
+        if any(not 0 <= expert < num_experts for expert in experts):
+            raise ValueError(f"top_k_index holds expert ids outside [0, num_experts) ({num_experts}).")
+        return cls(experts, top_k_index.reshape(-1), top_k_index.shape[-1])
+
+    def rows(self, per_token: torch.Tensor) -> torch.Tensor:
+        """`[T, D]` per token -> `[P, D]` per pair."""
+        return per_token if self.top_k == 1 else per_token.repeat_interleave(self.top_k, dim=0)
+
+    def sum_per_token(self, per_pair: torch.Tensor) -> torch.Tensor:
+        """`[P, D]` per pair -> `[T, D]`, the pairs of each token added up."""
+        return per_pair if self.top_k == 1 else per_pair.view(-1, self.top_k, per_pair.shape[-1]).sum(1)
+
+
+def _pairs_forward(experts, hidden_states, pairs: PairList, routing_weights, weights: ExpertWeights):
+    """`(output [T, H], pre-activation rows [P, W])` one pair at a time; `routing_weights` `[P]`."""
+    rows = pairs.rows(hidden_states.to(weights.up.dtype))
+    projected = rows.new_empty(len(pairs.experts), weights.up.shape[1])
+    for pair, expert in enumerate(pairs.experts):
+        up_bias = weights.up_bias[expert] if weights.up_bias is not None else None
+        _linear_into(projected[pair : pair + 1], rows[pair : pair + 1], weights.up[expert], up_bias)
+    activated = _activate(experts, projected)
+    scale = routing_weights.to(projected.dtype)[:, None]
+    if weights.down_bias is None:  # scale the narrower side: (w * a) @ down.T == w * (a @ down.T)
+        activated.mul_(scale)
+    out_rows = rows.new_empty(len(pairs.experts), weights.down.shape[1])
+    for pair, expert in enumerate(pairs.experts):
+        down_bias = weights.down_bias[expert] if weights.down_bias is not None else None
+        _linear_into(out_rows[pair : pair + 1], activated[pair : pair + 1], weights.down[expert], down_bias)
+    if weights.down_bias is not None:
+        out_rows.mul_(scale)
+    return pairs.sum_per_token(out_rows).to(hidden_states.dtype), projected
+
+
+class PairExpertsFunction(torch.autograd.Function):
+    """`_pairs_forward` with a hand-written backward: a few matrix-vector products per pair, and weight gradients
+    written as outer products into the pair's expert (same inputs as `GroupedExpertsFunction`, a `PairList` for
+    the plan)."""
+
+    @staticmethod
+    def forward(ctx, hidden_states, top_k_weights, up, up_bias, down, down_bias, pairs, experts):
+        routing_weights = top_k_weights.reshape(-1)
+        weights = ExpertWeights(up, up_bias, down, down_bias)
+        output, projected = _pairs_forward(experts, hidden_states, pairs, routing_weights, weights)
+        ctx.save_for_backward(hidden_states, routing_weights, up, down, down_bias, projected)
+        ctx.pairs, ctx.experts, ctx.weights_shape = pairs, experts, top_k_weights.shape
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden_states, routing_weights, up, down, down_bias, projected = ctx.saved_tensors
+        pairs, experts, needs = ctx.pairs, ctx.experts, ctx.needs_input_grad
+        scale = routing_weights[:, None].to(projected.dtype)
+        grad_rows = pairs.rows(grad_output.to(projected.dtype))  # d loss / d (down-projected row, unscaled)
+        activated, gate_act = _recompute_activation(experts, projected)
+        grad_activated = torch.empty_like(activated)
+        for pair, expert in enumerate(pairs.experts):
+            torch.mm(grad_rows[pair : pair + 1], down[expert], out=grad_activated[pair : pair + 1])
+        grad_top_k_weights = grad_up = grad_up_bias = grad_down = grad_down_bias = grad_hidden = None
+        if needs[1]:
+            grad_pairs = torch.linalg.vecdot(grad_activated, activated)
+            if down_bias is not None:
+                grad_pairs += torch.linalg.vecdot(grad_rows, down_bias[pairs.expert_index])
+            grad_top_k_weights = grad_pairs.view(ctx.weights_shape).to(routing_weights.dtype)
+        if needs[4]:
+            grad_down = torch.zeros_like(down)
+            scaled = activated.mul_(scale)
+            for pair, expert in enumerate(pairs.experts):
+                grad_down[expert].addr_(grad_rows[pair], scaled[pair])
+        if needs[5]:
+            grad_down_bias = torch.zeros_like(down_bias).index_add_(0, pairs.expert_index, grad_rows * scale)
+        grad_projected = _gate_backward(experts, projected, gate_act, grad_activated.mul_(scale))
+        if needs[2]:
+            rows = pairs.rows(hidden_states.to(projected.dtype))
+            grad_up = torch.zeros_like(up)
+            for pair, expert in enumerate(pairs.experts):
+                grad_up[expert].addr_(grad_projected[pair], rows[pair])
+        if needs[3]:
+            grad_up_bias = grad_projected.new_zeros(up.shape[:2]).index_add_(0, pairs.expert_index, grad_projected)
+        if needs[0]:
+            grad_rows_in = grad_projected.new_empty(grad_projected.shape[0], up.shape[2])
+            for pair, expert in enumerate(pairs.experts):
+                torch.mm(grad_projected[pair : pair + 1], up[expert], out=grad_rows_in[pair : pair + 1])
+            grad_hidden = pairs.sum_per_token(grad_rows_in).to(hidden_states.dtype)
+        return grad_hidden, grad_top_k_weights, grad_up, grad_up_bias, grad_down, grad_down_bias, None, None
 
 
 def _experts_rows(experts, hidden_states, plan: RoutingPlan, routing_weights, weights: ExpertWeights):
@@ -401,14 +484,21 @@ def _gate_backward(experts, projected, gate_act, grad_activated) -> torch.Tensor
 # expert) beats the whole-batch phases when segments are long, from about this many rows per expert (measured at
 # 32, 64, 128, 256 and 512 rows on the bench/moe_kernels.py shapes, one thread).
 SEGMENT_LOOP_MIN_ROWS = 96
-# Inference calls with at most this many (token, expert) pairs (decoding) take `_decode_forward`.
-DECODE_MAX_PAIRS = 16
+# Calls with few (token, expert) pairs (a decode step, a training call on a token or two) take the one-pair-at-a-time
+# path (`PairList`): a product per pair instead of one per expert. A pair costs more than an expert's turn in the
+# sorted path, so it pays while the pairs are at most half the experts and at most this many (measured on
+# bench/moe_kernels.py's three layers at 1 to 16 tokens, one thread).
+FEW_PAIRS_MAX = 8
 
 
 def _by_segment(plan: RoutingPlan) -> bool:
     if plan.offsets.device.type != "cpu":
         return False
     return plan.order.shape[0] >= SEGMENT_LOOP_MIN_ROWS * plan.offsets.shape[0]
+
+
+def _few_pairs(top_k_index: torch.Tensor, num_experts: int) -> bool:
+    return not top_k_index.is_cuda and top_k_index.numel() <= min(FEW_PAIRS_MAX, num_experts // 2)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -440,8 +530,13 @@ def agillm_grouped_experts_forward(
     if top_k_index.numel() == 0:  # no token (an empty shard of a batch): nothing to route
         return torch.zeros_like(hidden_states)
     needs_grad = _needs_grad(hidden_states, top_k_weights, *vars(weights).values())
-    if not needs_grad and not hidden_states.is_cuda and top_k_index.numel() <= DECODE_MAX_PAIRS:
-        return _decode_forward(self, hidden_states, top_k_index, top_k_weights, weights)
+    if _few_pairs(top_k_index, self.num_experts):
+        pairs = PairList.of(top_k_index, self.num_experts)
+        if needs_grad:
+            return PairExpertsFunction.apply(
+                hidden_states, top_k_weights, weights.up, weights.up_bias, weights.down, weights.down_bias, pairs, self
+            )
+        return _pairs_forward(self, hidden_states, pairs, top_k_weights.reshape(-1), weights)[0]
     plan = RoutingPlan.build(top_k_index, self.num_experts)
     if hidden_states.is_cuda and _triton_available():
         from .triton_moe import triton_experts_supported, triton_grouped_experts

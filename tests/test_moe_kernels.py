@@ -113,17 +113,32 @@ def test_matches_eager_forward_and_gradients(kind, top_k, dtype, schedule):
     torch.testing.assert_close(output, expected["output"], rtol=0, atol=TOLERANCE[dtype] * output.abs().max().item())
 
 
-@pytest.mark.parametrize("tokens", [1, 2])
+def force_few_pairs(monkeypatch) -> None:
+    """Route every CPU call through the one-pair-at-a-time path, and make the sorted path fail if it runs."""
+    monkeypatch.setattr(moe, "_few_pairs", lambda top_k_index, num_experts: True)
+    monkeypatch.setattr(moe, "RoutingPlan", None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("tokens", "top_k", "forced"), [(1, 1, False), (1, 2, False), (2, 2, True), (8, 2, True)])
 @pytest.mark.parametrize("kind", EXPERT_KINDS)
-def test_decode_sized_calls(kind, tokens, schedule):
-    """Training-mode calls go through the autograd Function; inference calls this small take `_decode_forward`."""
-    experts = make_experts(kind)
-    inputs = make_routing(tokens, 2)
+def test_few_pair_calls(kind, tokens, top_k, forced, dtype, monkeypatch):
+    """Few pairs take the one-pair-at-a-time path in training (`PairExpertsFunction`) and inference: 1 token on
+    its own; more pairs than the path takes by itself when forced (8 tokens x 2 over 6 experts: experts repeat
+    across tokens, so their weight gradients add up)."""
+    assert moe._few_pairs(torch.zeros(tokens, top_k, dtype=torch.long), NUM_EXPERTS) != forced
+    if forced:
+        force_few_pairs(monkeypatch)
+    else:
+        monkeypatch.setattr(moe, "RoutingPlan", None)  # the sorted path would fail: it must not run
+    experts = make_experts(kind, dtype)
+    inputs = make_routing(tokens, top_k, dtype)
     expected = run_experts(experts, "eager", *inputs)
-    assert_relative_close(run_experts(experts, moe.EXPERTS_IMPLEMENTATION, *inputs), expected, 1e-5)
+    assert_relative_close(run_experts(experts, moe.EXPERTS_IMPLEMENTATION, *inputs), expected, TOLERANCE[dtype])
     experts.config._experts_implementation = moe.EXPERTS_IMPLEMENTATION
     with torch.no_grad():
-        torch.testing.assert_close(experts(*inputs[:3]), expected["output"], rtol=1e-5, atol=1e-6)
+        output = experts(*inputs[:3])
+    torch.testing.assert_close(output, expected["output"], rtol=0, atol=TOLERANCE[dtype] * output.abs().max().item())
 
 
 def test_no_tokens():
@@ -133,11 +148,14 @@ def test_no_tokens():
     assert experts(hidden_states, top_k_index, top_k_weights).shape == (0, HIDDEN)
 
 
-def test_other_activation_and_unaligned_sizes_use_the_generic_paths(schedule):
+@pytest.mark.parametrize("few_pairs", [False, True], ids=["sorted", "few_pairs"])
+def test_other_activation_and_unaligned_sizes_use_the_generic_paths(schedule, few_pairs, monkeypatch):
     """GELU goes through autograd for its derivative; hidden size 30 (fp32 rows of 120 bytes, not 16-byte
     multiples) makes `F.grouped_mm` unusable, so `grouped_mm` falls back to its loop over segments."""
     experts = make_experts("gated", hidden=30, hidden_act="gelu", num_attention_heads=5, num_key_value_heads=5)
-    inputs = make_routing(17, 2, hidden=30)
+    inputs = make_routing(3 if few_pairs else 17, 2, hidden=30)
+    if few_pairs:
+        force_few_pairs(monkeypatch)
     assert not moe._grouped_mm_supported(inputs[0])
     assert_relative_close(
         run_experts(experts, moe.EXPERTS_IMPLEMENTATION, *inputs), run_experts(experts, "eager", *inputs), 1e-5
@@ -171,11 +189,14 @@ class TransposedClampedExperts(torch.nn.Module):
         raise NotImplementedError  # only the registered implementations run
 
 
-def test_transposed_layout_with_gate_bias_and_custom_gate(schedule):
+@pytest.mark.parametrize("few_pairs", [False, True], ids=["sorted", "few_pairs"])
+def test_transposed_layout_with_gate_bias_and_custom_gate(schedule, few_pairs, monkeypatch):
     """Against transformers' own `batched_mm`, which supports this layout (and a custom `_apply_gate`)."""
     experts = TransposedClampedExperts(build_tiny_config(hidden_size=HIDDEN))
-    inputs = make_routing(23, 2)
+    inputs = make_routing(3 if few_pairs else 23, 2)
     expected = run_experts(experts, "batched_mm", *inputs)
+    if few_pairs:
+        force_few_pairs(monkeypatch)
     assert_relative_close(run_experts(experts, moe.EXPERTS_IMPLEMENTATION, *inputs), expected, 1e-5)
 
 
@@ -225,15 +246,20 @@ def test_loop_fallback_matches_grouped_mm(monkeypatch):
 def test_unsupported_inputs_raise():
     experts = make_experts("gated")
     experts.config._experts_implementation = moe.EXPERTS_IMPLEMENTATION
-    hidden_states, top_k_index, top_k_weights, _ = make_routing(5, 2)
+    hidden_states, top_k_index, top_k_weights, _ = make_routing(17, 2)  # 34 pairs: the sorted path
+    assert top_k_index.numel() > moe.FEW_PAIRS_MAX
     with pytest.raises(ValueError, match="top_k_index"):
         experts(hidden_states, top_k_index[:, :1], top_k_weights)
     with pytest.raises(ValueError, match="num_experts"):
         experts(hidden_states, top_k_index.clamp(min=NUM_EXPERTS), top_k_weights)
-    with pytest.raises(ValueError, match="num_experts"), torch.no_grad():  # the decode path checks too
-        experts(hidden_states[:1], top_k_index[:1].clamp(min=NUM_EXPERTS), top_k_weights[:1])
     with pytest.raises((ValueError, RuntimeError)):  # negative ids: bincount refuses them
         experts(hidden_states, top_k_index - 10, top_k_weights)
+    for ids in (top_k_index[:1].clamp(min=NUM_EXPERTS), top_k_index[:1] - 10):  # the few-pairs path checks too
+        assert moe._few_pairs(ids, NUM_EXPERTS)
+        with pytest.raises(ValueError, match="num_experts"):
+            experts(hidden_states[:1].requires_grad_(True), ids, top_k_weights[:1])
+        with pytest.raises(ValueError, match="num_experts"), torch.no_grad():
+            experts(hidden_states[:1], ids, top_k_weights[:1])
     experts._is_expert_parallel = True
     with pytest.raises(ValueError, match="expert parallelism"):
         experts(hidden_states, top_k_index, top_k_weights)
