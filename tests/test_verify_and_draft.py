@@ -256,3 +256,17 @@ def test_what_verify_and_draft_cannot_do_is_rejected(make_model):
             make_model(vocab_size=VOCAB, **{"heads": ["ar", "nat"], **overrides}, nat_objective="draft")
     with pytest.raises(StrictDataclassError, match="nat_objective.*expected one of.*diffuse"):
         make_model(vocab_size=VOCAB, heads=["ar", "nat"], nat_objective="diffuse")
+
+
+def test_head_logits_equal_the_head():
+    """`_head_logits` (a CPU route for 2-3 rows) gives the head's logits, and leaves other heads to their forward."""
+    generator = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    torch.nn.init.normal_(head.weight, generator=generator)
+    rows = torch.randn(5, 16, generator=generator)
+    for count in range(1, 6):
+        torch.testing.assert_close(generation_agillm._head_logits(head, rows[:count]), head(rows[:count]))
+    head.register_forward_hook(lambda module, inputs, output: output * 2)  # a hook must still run
+    torch.testing.assert_close(generation_agillm._head_logits(head, rows[:2]), 2 * (rows[:2] @ head.weight.T))
+    biased = torch.nn.Linear(16, 50)
+    torch.testing.assert_close(generation_agillm._head_logits(biased, rows[:2]), biased(rows[:2]))
