@@ -41,13 +41,9 @@ def keep_freed_memory() -> bool:
     earlier allocations. jemalloc and tcmalloc (what PyTorch's CPU performance guide recommends) keep such memory;
     this asks glibc for the same (blocks up to 32 MiB from the heap, no trimming), for every implementation alike.
     """
-    path = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(path) if path else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to set
-        return False
-    if mallopt is None:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):  # no C library with mallopt (musl, macOS, Windows): nothing to set
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
 
